@@ -1,0 +1,7 @@
+"""flipad-jax: single-model attribution of generative models by final-layer inversion (FLIPAD)."""
+
+from flipad_jax.operators import Conv2d, ConvTranspose2d, Linear
+
+__version__ = "0.1.0"
+
+__all__ = ["Conv2d", "ConvTranspose2d", "Linear", "__version__"]
