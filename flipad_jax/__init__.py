@@ -1,7 +1,8 @@
 """flipad-jax: single-model attribution of generative models by final-layer inversion (FLIPAD)."""
 
 from flipad_jax.operators import Conv2d, ConvTranspose2d, Linear
+from flipad_jax.lasso import LassoResult, solve_lasso
 
 __version__ = "0.1.0"
 
-__all__ = ["Conv2d", "ConvTranspose2d", "Linear", "__version__"]
+__all__ = ["Conv2d", "ConvTranspose2d", "Linear", "LassoResult", "solve_lasso", "__version__"]

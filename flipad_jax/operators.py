@@ -134,20 +134,19 @@ class _LinearOperator:
         y = self._check_batch("y", y, self.out_shape_for(in_shape), "the operator's output")
         return self.from_internal(self.adjoint(self.out_to_internal(y), in_shape))
 
-    def lipschitz(self, *, rtol: float = 1e-6, max_iter: int = 2000, key=None) -> float:
-        """‖A‖₂² = λ_max(AᵀA), the Lipschitz constant of ∇½‖Az − o‖², by power iteration.
+    def lipschitz(self, *, rtol: float = 1e-6, max_steps: int = 1024, key=None) -> float:
+        """‖A‖₂² = λ_max(AᵀA), the Lipschitz constant of ∇½‖Az − o‖², by Lanczos iteration.
 
-        Iterates v ← AᵀAv/‖AᵀAv‖ from a Gaussian start (``key``, default ``PRNGKey(0)``) until
-        the Rayleigh quotient vᵀAᵀAv changes by less than ``rtol`` (relative) between two
-        iterations, or ``max_iter`` is reached. The Rayleigh quotient is a lower bound that
-        increases to ‖A‖²; with the default ``rtol`` it was within 1e-4 of the dense matrix's
-        largest squared singular value on every geometry of the test suite, and the solver
-        adds a safety margin on top (``solve_lasso(lipschitz_margin=...)``).
+        A power iteration accelerated by Krylov subspaces: from a Gaussian start (``key``,
+        default ``PRNGKey(0)``) Lanczos on AᵀA builds a tridiagonal matrix whose largest
+        eigenvalue (a Ritz value, a lower bound that increases to ‖A‖²) is returned once it
+        changes by less than ``rtol`` (relative) over the last 8 steps, or after ``max_steps``.
+        Convolution spectra are nearly continuous near the top, where plain power iteration
+        stalls (0.4% short after 2000 steps on a small test conv); Lanczos was within 1e-12 of
+        the dense matrix's largest squared singular value after 32 steps on the same operator.
+        The solver adds a safety margin on top (``solve_lasso(lipschitz_margin=...)``).
         """
-        if not 0 < rtol < 1:
-            raise ValueError(f"rtol={rtol!r}: expected 0 < rtol < 1")
-        key = jax.random.PRNGKey(0) if key is None else key
-        return float(_power_iteration(self, self.in_shape, key, rtol, int(max_iter)))
+        return lipschitz_constant(self, self.in_shape, rtol=rtol, max_steps=max_steps, key=key)
 
     def _check_batch(self, name, x, expected_sample_shape, what):
         if jnp.ndim(x) != len(expected_sample_shape) + 1 or \
@@ -424,26 +423,47 @@ class ConvTranspose2d(_Conv):
         return x[:, :in_shape[1], :in_shape[2], :]
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4))
-def _power_iteration(op, in_shape, key, rtol, max_iter):
-    v = jax.random.normal(key, (1,) + tuple(in_shape), op.dtype)
-    v = op.to_internal(v)
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _lanczos(op, in_shape, key, steps):
+    """``steps`` Lanczos steps on AᵀA from a Gaussian start: the tridiagonal's (α, β)."""
+    v = op.to_internal(jax.random.normal(key, (1,) + tuple(in_shape), op.dtype))
     v = v / jnp.linalg.norm(v)
+    tiny = jnp.finfo(op.dtype).tiny
 
-    def normal_op(v):
-        return op.adjoint(op.apply(v), in_shape)
+    def step(carry, _):
+        v_prev, v, beta = carry
+        w = op.adjoint(op.apply(v), in_shape) - beta * v_prev
+        alpha = jnp.vdot(v, w).real
+        w = w - alpha * v
+        beta = jnp.linalg.norm(w)
+        # An exhausted Krylov space (small operators) leaves zeros, i.e. eigenvalue-0 padding.
+        v_next = jnp.where(beta > tiny, w / jnp.maximum(beta, tiny), 0)
+        return (v, v_next, beta), (alpha, beta)
 
-    def cond(state):
-        i, _, rho, rho_prev = state
-        return (i < max_iter) & (jnp.abs(rho - rho_prev) > rtol * rho)
+    init = (jnp.zeros_like(v), v, jnp.zeros((), op.dtype))
+    _, (alphas, betas) = lax.scan(step, init, None, length=steps)
+    return alphas, betas
 
-    def body(state):
-        i, v, rho, _ = state
-        w = normal_op(v)
-        norm = jnp.linalg.norm(w)
-        return i + 1, w / norm, jnp.vdot(v, w).real, rho
 
-    w = normal_op(v)
-    state = (jnp.array(1), w / jnp.linalg.norm(w), jnp.vdot(v, w).real, jnp.array(0, op.dtype))
-    _, _, rho, _ = lax.while_loop(cond, body, state)
-    return rho
+def _top_ritz_values(alphas, betas):
+    """Largest eigenvalue of the leading k×k tridiagonal, for k = 1 … len(alphas)."""
+    alphas, betas = np.asarray(alphas, np.float64), np.asarray(betas, np.float64)
+    tops = []
+    for k in range(1, len(alphas) + 1):
+        tri = np.diag(alphas[:k]) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
+        tops.append(np.linalg.eigvalsh(tri)[-1])
+    return np.array(tops)
+
+
+def lipschitz_constant(op, in_shape, *, rtol=1e-6, max_steps=1024, key=None) -> float:
+    """λ_max(AᵀA) for inputs of ``in_shape`` by Lanczos; see ``_LinearOperator.lipschitz``."""
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol={rtol!r}: expected 0 < rtol < 1")
+    key = jax.random.PRNGKey(0) if key is None else key
+    steps = min(32, max_steps)
+    while True:
+        tops = _top_ritz_values(*_lanczos(op, tuple(in_shape), key, steps))
+        window = min(8, steps - 1)
+        if abs(tops[-1] - tops[-1 - window]) <= rtol * tops[-1] or steps >= max_steps:
+            return float(tops[-1])
+        steps = min(2 * steps, max_steps)

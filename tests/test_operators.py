@@ -1,0 +1,148 @@
+"""Operators: exact adjoints, shapes, Lipschitz constants, pytree behaviour, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flipad_jax as fj
+from _geometry import build, conv_geometry, weight_shape
+
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _random_op(g, transposed, seed):
+    rng = np.random.default_rng(seed)
+    op = build(fj, g, rng.normal(size=weight_shape(g, transposed)), transposed)
+    return op, rng
+
+
+def _dense(op):
+    """The operator as a dense matrix, column j = A e_j."""
+    n = int(np.prod(op.in_shape))
+    basis = jnp.eye(n, dtype=op.dtype).reshape((n,) + op.in_shape)
+    return np.asarray(op(basis)).reshape(n, -1).T
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@SETTINGS
+@given(data=st.data())
+def test_adjoint_dot_product_and_linear_transpose(x64, transposed, data):
+    g = data.draw(conv_geometry(transposed))
+    op, rng = _random_op(g, transposed, data.draw(st.integers(0, 2**31)))
+    z = jnp.asarray(rng.normal(size=(g["batch"],) + op.in_shape))
+    y = jnp.asarray(rng.normal(size=(g["batch"],) + op.out_shape))
+    lhs = jnp.vdot(op(z), y)
+    rhs = jnp.vdot(z, op.T(y))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-10, atol=1e-10)
+    # The autodiff transpose of the forward map is an independent oracle for the adjoint.
+    (oracle,) = jax.linear_transpose(op, z)(y)
+    np.testing.assert_allclose(op.T(y), oracle, rtol=1e-10, atol=1e-10)
+
+
+@SETTINGS
+@given(out_dim=st.integers(1, 7), in_dim=st.integers(1, 7), batch=st.integers(1, 3),
+       seed=st.integers(0, 2**31))
+def test_linear_adjoint(x64, out_dim, in_dim, batch, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(out_dim, in_dim))
+    op = fj.Linear(w)
+    z, y = rng.normal(size=(batch, in_dim)), rng.normal(size=(batch, out_dim))
+    np.testing.assert_allclose(op(z), z @ w.T, rtol=1e-12)
+    np.testing.assert_allclose(jnp.vdot(op(z), y), jnp.vdot(z, op.T(y)), rtol=1e-10)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: fj.ConvTranspose2d(w, stride=2, padding=1, in_size=(5, 4)),
+    lambda w: fj.Conv2d(w, stride=1, padding=1, in_size=(6, 5)),
+    lambda w: fj.Conv2d(w, stride=2, padding=0, dilation=2, in_size=(9, 8)),
+])
+def test_lipschitz_matches_dense_singular_value(x64, make):
+    w = np.random.default_rng(3).normal(size=(3, 4, 4, 4)) * 0.1
+    op = make(w)
+    sigma_max = np.linalg.norm(_dense(op), 2)
+    np.testing.assert_allclose(op.lipschitz(), sigma_max ** 2, rtol=1e-8)
+
+
+def test_lipschitz_of_linear(x64):
+    w = np.random.default_rng(0).normal(size=(11, 30))
+    np.testing.assert_allclose(fj.Linear(w).lipschitz(), np.linalg.norm(w, 2) ** 2, rtol=1e-5)
+
+
+def test_bias_kept_apart_and_added_by_affine(x64):
+    rng = np.random.default_rng(1)
+    w, b = rng.normal(size=(3, 2, 3, 3)), rng.normal(size=3)
+    op = fj.Conv2d(w, b, padding=1, in_size=(4, 4))
+    z = rng.normal(size=(2, 2, 4, 4))
+    plain = fj.Conv2d(w, padding=1, in_size=(4, 4))
+    np.testing.assert_allclose(op(z), plain(z))
+    np.testing.assert_allclose(op.affine(z), plain(z) + b[None, :, None, None])
+
+
+def test_in_size_inferred_where_unique(x64):
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(4, 3, 4, 4))
+    z = rng.normal(size=(2, 4, 6, 7))
+    free, bound = (fj.ConvTranspose2d(w, stride=2, padding=1, in_size=s) for s in (None, (6, 7)))
+    y = bound(z)
+    np.testing.assert_allclose(free(z), y)
+    np.testing.assert_allclose(free.T(y), bound.T(y))
+    strided = fj.Conv2d(w, stride=2)
+    with pytest.raises(ValueError, match="ambiguous"):
+        strided.T(rng.normal(size=(1, 4, 3, 3)))
+    with pytest.raises(ValueError, match="in_size"):
+        strided.lipschitz()
+
+
+def test_operator_is_a_pytree_that_jits_and_vmaps():
+    rng = np.random.default_rng(4)
+    op = fj.ConvTranspose2d(rng.normal(size=(4, 3, 4, 4)).astype(np.float32), stride=2,
+                            padding=1, in_size=(5, 5))
+    z = jnp.asarray(rng.normal(size=(2, 4, 5, 5)), jnp.float32)
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+    assert all(isinstance(leaf, jax.Array) for leaf in leaves)
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    np.testing.assert_allclose(jax.jit(lambda o, v: o(v))(rebuilt, z), op(z), rtol=1e-6)
+    per_sample = jax.vmap(lambda v: op(v[None])[0])(z)
+    np.testing.assert_allclose(per_sample, op(z), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(rebuilt.weight, op.weight)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(groups=3), "groups=3"),
+    (dict(stride=0), "stride=0"),
+    (dict(padding=-1), "padding=-1"),
+    (dict(stride=(1, 2, 3)), "stride="),
+    (dict(stride=2, output_padding=2), "output_padding="),
+    (dict(in_size=(1, 1), padding=3), "empty output"),
+])
+def test_invalid_geometry_is_rejected(kwargs, match):
+    w = np.ones((4, 2, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=match):
+        fj.ConvTranspose2d(w, **kwargs)
+
+
+def test_bad_weights_are_rejected():
+    with pytest.raises(ValueError, match="floating"):
+        fj.Conv2d(np.ones((2, 2, 3, 3), np.int32))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        fj.Linear(np.array([[1.0, np.nan]], np.float32))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        fj.Conv2d(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="bias has shape"):
+        fj.Conv2d(np.ones((2, 2, 3, 3), np.float32), np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="Conv2d has none"):
+        fj._operators_conv2d_with_output_padding() if False else \
+            fj.operators._Conv.__init__(object.__new__(fj.Conv2d), np.ones((2, 2, 3, 3)),
+                                        output_padding=1)
+
+
+def test_wrong_input_shape_is_rejected():
+    op = fj.Conv2d(np.ones((2, 3, 3, 3), np.float32), in_size=(5, 5))
+    with pytest.raises(ValueError, match=r"expected \(B, 3, 5, 5\)"):
+        op(jnp.ones((1, 3, 4, 5)))
+    with pytest.raises(ValueError, match="floating"):
+        op(jnp.ones((1, 3, 5, 5), jnp.int32))
