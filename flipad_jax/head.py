@@ -1,0 +1,194 @@
+"""A generator's last step, σ(A z + b), loaded from a head bundle: forward, target, inversion.
+
+``Head.load(path)`` reads a bundle written by ``flipad convert`` (see :mod:`flipad_jax.bundle`)
+and gives the linear operator A (with its bias b), the final activation σ, the mean activation
+z̄ and the generator's output range. Then
+
+* ``head.forward(z)``  = σ(A z + b), the generator's last step;
+* ``head.target(x)``   = σ⁻¹ of the images x (after mapping them to the output range and
+  clipping, see :mod:`flipad_jax.activations`): the lasso's target o;
+* ``head.invert(x)``   = ``solve_lasso(A, o, λ, anchor=z̄)``: the FLIPAD features.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flipad_jax._checks import check_finite
+from flipad_jax.activations import DEFAULT_CLIP, check_clip, clipped_inverse, get_activation
+from flipad_jax.bundle import build_operator, read_bundle
+from flipad_jax.lasso import LassoResult, solve_lasso
+
+DEFAULT_LAM = 5e-4  # the paper's λ for the small GANs and tabular data
+
+
+class InversionResult(NamedTuple("InversionResult",
+                                 [*LassoResult.__annotations__.items(), ("clipped", jax.Array)])):
+    """:class:`~flipad_jax.LassoResult` plus ``clipped``: ``(B,)`` int32, how many values of each
+    image the target's clip moved (see :func:`flipad_jax.activations.clipped_inverse`)."""
+
+    __slots__ = ()
+    converged = LassoResult.converged
+
+
+@functools.partial(jax.jit, static_argnames=("activation",))
+def _forward(op, z, *, activation):
+    return get_activation(activation).forward(op.affine(z))
+
+
+@functools.partial(jax.jit, static_argnames=("activation",))
+def _target(x, scale, shift, clip, *, activation):
+    return clipped_inverse(get_activation(activation), x * scale + shift, clip)
+
+
+class Head:
+    """The inverted layer of a generator and what FLIPAD needs around it.
+
+    Attributes:
+      op: :class:`~flipad_jax.Conv2d`, :class:`~flipad_jax.ConvTranspose2d` or
+        :class:`~flipad_jax.Linear` (A, with ``op.bias`` = b).
+      activation: :class:`~flipad_jax.activations.Activation` (σ).
+      zbar: ``in_shape`` array, the mean input activation of the layer (z̄).
+      output_range: ``(low, high)`` of the generator's images, or None (unbounded).
+      lipschitz: ‖A‖² stored in the bundle (reused by :meth:`invert`), or None.
+      meta: the bundle's head.json as a dict (source, versions, z̄ provenance, self-check).
+    """
+
+    def __init__(self, op, activation: str, zbar, *, output_range=None,
+                 lipschitz: Optional[float] = None, meta: Optional[dict] = None):
+        self.op = op
+        self.activation = get_activation(activation)
+        zbar = jnp.asarray(zbar, op.dtype)
+        if tuple(zbar.shape) != tuple(op.in_shape):
+            raise ValueError(f"zbar has shape {zbar.shape}: expected the operator's input shape "
+                             f"{tuple(op.in_shape)}")
+        check_finite("zbar", zbar)
+        self.zbar = zbar
+        natural = self.activation.range
+        if output_range is None:
+            output_range = natural
+        else:
+            output_range = tuple(float(v) for v in output_range)
+            if len(output_range) != 2 or not output_range[0] < output_range[1]:
+                raise ValueError(f"output_range={output_range!r}: expected (low, high), low < high")
+            if natural is not None and output_range != natural:
+                raise ValueError(f"output_range={output_range!r}: expected {natural} for a "
+                                 f"{self.activation.name} head")
+        self.output_range = output_range
+        self.lipschitz = lipschitz
+        self.meta = {} if meta is None else meta
+
+    @classmethod
+    def load(cls, path, *, dtype=jnp.float32, precision=None) -> "Head":
+        """Read and validate the bundle folder ``path`` (see :mod:`flipad_jax.bundle`).
+
+        Args:
+          path: the folder written by ``flipad convert``.
+          dtype: dtype of the operator and z̄ (float32 default; float64 needs
+            ``jax_enable_x64``).
+          precision: convolution/matmul precision passed to the operator.
+        """
+        dtype = jnp.dtype(dtype)
+        if dtype not in (jnp.float32, jnp.float64):
+            raise ValueError(f"dtype={dtype}: expected float32 or float64")
+        if jnp.zeros((), dtype).dtype != dtype:
+            raise ValueError(f"dtype={dtype}: JAX runs without 64-bit types; enable "
+                             "jax_enable_x64 (e.g. `with jax.enable_x64(True):`) first")
+        bundle = read_bundle(Path(path))
+        meta = bundle.meta
+        op = build_operator(bundle, dtype=np.dtype(dtype), precision=precision)
+        return cls(op, meta["activation"], bundle.zbar.astype(dtype),
+                   output_range=meta["output_range"], lipschitz=meta["lipschitz"], meta=meta)
+
+    @property
+    def bias(self):
+        """b, the layer's bias (``(C_out,)`` or ``(out,)``), or None."""
+        return self.op.bias
+
+    @property
+    def in_shape(self):
+        return tuple(self.op.in_shape)
+
+    @property
+    def out_shape(self):
+        return tuple(self.op.out_shape)
+
+    def forward(self, z):
+        """σ(A z + b): ``(B, *in_shape)`` activations → ``(B, *out_shape)`` images."""
+        z = self.op._check_batch("z", z, self.in_shape, "the head's input")
+        return _forward(self.op, jnp.asarray(z, self.op.dtype), activation=self.activation.name)
+
+    def target(self, x, *, x_range=None, clip: float = DEFAULT_CLIP,
+               return_clipped: bool = False):
+        """o = σ⁻¹(x): the pre-activation outputs the images ask for.
+
+        Args:
+          x: ``(B, *out_shape)`` images (floating, or integers such as uint8 pixels).
+          x_range: ``(low, high)`` of the scale x is given in, mapped linearly onto the head's
+            ``output_range`` first (e.g. ``(0, 255)`` for 8-bit pixels); default: x is already
+            in the output range.
+          clip: values are clipped to ``[low + clip, high − clip]`` of σ's range before σ⁻¹
+            (tanh and sigmoid); the reference's 1e-4 by default.
+          return_clipped: also return the ``(B,)`` int32 count of clipped values per image.
+
+        Returns:
+          o with x's shape in the head's dtype, or ``(o, clipped)``.
+        """
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+            x = x.astype(self.op.dtype)
+        x = self.op._check_batch("x", x, self.out_shape, "images of the head's output shape")
+        check_finite("x", x)
+        clip = check_clip(clip)
+        scale, shift = 1.0, 0.0
+        if x_range is not None:
+            if self.output_range is None:
+                raise ValueError(f"x_range={x_range!r}: this {self.activation.name} head has no "
+                                 "output range to map onto; pass x_range=None")
+            lo, hi = (float(v) for v in x_range)
+            if not lo < hi:
+                raise ValueError(f"x_range={x_range!r}: expected (low, high) with low < high")
+            out_lo, out_hi = self.output_range
+            scale = (out_hi - out_lo) / (hi - lo)
+            shift = out_lo - lo * scale
+        o, clipped = _target(x.astype(self.op.dtype), scale, shift, clip,
+                             activation=self.activation.name)
+        return (o, clipped) if return_clipped else o
+
+    def invert(self, x, lam=DEFAULT_LAM, *, x_range=None, clip: float = DEFAULT_CLIP,
+               **solver_kwargs) -> InversionResult:
+        """FLIPAD features of images: ``solve_lasso(op, target(x), lam, anchor=zbar)``.
+
+        Minimises ½‖A z + b − o‖² + λ‖z − z̄‖₁ per image (see :func:`flipad_jax.solve_lasso`),
+        with the bundle's Lipschitz estimate unless ``lipschitz=`` or ``step=`` is given.
+
+        Args:
+          x: ``(B, *out_shape)`` images; ``x_range`` and ``clip`` as in :meth:`target`.
+          lam: λ, scalar or ``(B,)`` (paper: 5e-4 small GANs, 1e-5 Stable Diffusion, 1e-3
+            medical).
+          **solver_kwargs: passed to :func:`~flipad_jax.solve_lasso` (max_iter, tol, stop, step,
+            restart, mode, ...).
+
+        Returns:
+          :class:`InversionResult`: ``z`` ``(B, *in_shape)`` are the features; per-image
+          diagnostics of the solve and the clip count.
+        """
+        if "anchor" in solver_kwargs:
+            raise ValueError("anchor: the head's anchor is its zbar; build a Head with another "
+                             "zbar instead of passing anchor=")
+        o, clipped = self.target(x, x_range=x_range, clip=clip, return_clipped=True)
+        if self.lipschitz is not None and "step" not in solver_kwargs and \
+                solver_kwargs.get("mode", "fast") == "fast":
+            solver_kwargs.setdefault("lipschitz", self.lipschitz)
+        res = solve_lasso(self.op, o, lam, anchor=self.zbar, **solver_kwargs)
+        return InversionResult(*res, clipped)
+
+    def __repr__(self):
+        return (f"Head({self.op!r}, activation={self.activation.name!r}, "
+                f"output_range={self.output_range}, in_shape={self.in_shape})")
