@@ -1,0 +1,273 @@
+"""The FISTA lasso solver against independent truth: scikit-learn, KKT conditions, closed forms."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sklearn.linear_model import Lasso
+
+import flipad_jax as fj
+from flipad_jax import lasso as lasso_module
+
+
+def _kkt_violation(op, o, lam, z, anchor):
+    """max_j dist(−∇_j, λ ∂|z_j − z̄_j|), computed from the operator alone (not the solver)."""
+    grad = np.asarray(op.T(op.affine(z) - o))
+    delta = np.asarray(z - anchor)
+    lam = np.reshape(lam, (-1,) + (1,) * (delta.ndim - 1))
+    on = np.abs(grad + lam * np.sign(delta))
+    off = np.maximum(np.abs(grad) - lam, 0)
+    return np.where(delta != 0, on, off).reshape(len(delta), -1).max(axis=1)
+
+
+def _objective(op, o, lam, z, anchor):
+    res = np.asarray(op.affine(z) - o).reshape(len(o), -1)
+    l1 = np.abs(np.asarray(z - anchor)).reshape(len(o), -1).sum(axis=1)
+    return 0.5 * (res ** 2).sum(axis=1) + np.asarray(lam) * l1
+
+
+def _small_dcgan_layer(rng, dtype=np.float64, channels=8, size=6):
+    w = (rng.normal(size=(channels, 3, 4, 4)) * 0.3).astype(dtype)
+    return fj.ConvTranspose2d(w, stride=2, padding=1, in_size=(size, size))
+
+
+def test_matches_sklearn_lasso(x64):
+    rng = np.random.default_rng(0)
+    m, n = 20, 40
+    w = rng.normal(size=(m, n))
+    b = rng.normal(size=m)
+    o = rng.normal(size=(4, m))
+    lam = np.array([0.05, 0.3, 1.0, 3.0])
+    res = fj.solve_lasso(fj.Linear(w, b), o, lam, tol=1e-12, max_iter=50000)
+    assert bool(jnp.all(res.converged))
+    for i in range(len(o)):
+        # sklearn minimises 1/(2m)||y - Xz||² + alpha||z||₁, so alpha = lam/m, y = o - b.
+        ref = Lasso(alpha=lam[i] / m, fit_intercept=False, tol=1e-14, max_iter=100000)
+        ref.fit(w, o[i] - b)
+        np.testing.assert_allclose(res.z[i], ref.coef_, atol=1e-8)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 12), n=st.integers(1, 12), batch=st.integers(1, 3),
+       lam=st.floats(0.0, 2.0), seed=st.integers(0, 2**31))
+def test_property_kkt_and_certificates_on_random_problems(x64, m, n, batch, lam, seed):
+    rng = np.random.default_rng(seed)
+    op = fj.Linear(rng.normal(size=(m, n)), rng.normal(size=m))
+    o, anchor = rng.normal(size=(batch, m)), rng.normal(size=n)
+    res = fj.solve_lasso(op, o, lam, anchor=anchor, tol=1e-12, max_iter=100000)
+    assert bool(jnp.all(res.converged)), res.status
+    assert np.all(_kkt_violation(op, o, lam, res.z, anchor) <= 1e-6)
+    np.testing.assert_allclose(res.objective, _objective(op, o, lam, res.z, anchor), rtol=1e-9,
+                               atol=1e-12)
+    assert np.all(np.asarray(res.gap) >= 0)
+
+
+def test_kkt_and_gap_bound_on_a_transposed_convolution(x64):
+    rng = np.random.default_rng(1)
+    op = _small_dcgan_layer(rng)
+    o = rng.normal(size=(3,) + op.out_shape)
+    anchor = np.abs(rng.normal(size=op.in_shape))
+    lam = 0.05
+    res = fj.solve_lasso(op, o, lam, anchor=anchor, tol=1e-13, max_iter=100000)
+    assert bool(jnp.all(res.converged))
+    assert np.all(_kkt_violation(op, o, lam, res.z, anchor) <= 1e-7)
+    # An early iterate: its certified gap must bound its true suboptimality.
+    early = fj.solve_lasso(op, o, lam, anchor=anchor, max_iter=5, stop="change", tol=0.0)
+    suboptimality = _objective(op, o, lam, early.z, anchor) - np.asarray(res.objective)
+    assert np.all(suboptimality <= np.asarray(early.gap) * (1 + 1e-9))
+    assert np.all(suboptimality > 0)
+    assert np.all(np.asarray(early.status) == lasso_module.MAX_ITER)
+
+
+def test_paper_example_4_1_exact_recovery(x64):
+    """Example 4.1: a 2×2 transposed convolution; x is reached exactly, x + ε e_center is not."""
+    kernel = np.array([[0.0, 1.0], [2.0, 3.0]]).reshape(1, 1, 2, 2)
+    x = np.array([[0.0, 0, 1], [0, 4, 6], [4, 12, 9]]).reshape(1, 1, 3, 3)
+    op = fj.ConvTranspose2d(kernel, in_size=(2, 2))
+    res = fj.solve_lasso(op, x, 0.0, stop="change", tol=1e-15, max_iter=20000)
+    np.testing.assert_allclose(res.z.reshape(2, 2), [[0, 1], [2, 3]], atol=1e-9)
+    eps = 0.5
+    x_prime = x.copy()
+    x_prime[0, 0, 1, 1] += eps
+    res = fj.solve_lasso(op, x_prime, 0.0, tol=1e-14, max_iter=20000)
+    dense = np.stack([np.asarray(op(e.reshape(1, 1, 2, 2))).ravel() for e in np.eye(4)], 1)
+    _, lstsq_residual, _, _ = np.linalg.lstsq(dense, x_prime.ravel(), rcond=None)
+    # No input generates x′: the best fit keeps a residual, the least-squares one.
+    np.testing.assert_allclose(2 * res.objective[0], lstsq_residual[0], rtol=1e-9)
+    assert lstsq_residual[0] > 1e-3
+
+
+def test_unique_solution_from_two_inits(x64):
+    rng = np.random.default_rng(2)
+    op = _small_dcgan_layer(rng)
+    o = rng.normal(size=(2,) + op.out_shape)
+    anchor = rng.normal(size=op.in_shape)
+    kwargs = dict(anchor=anchor, tol=1e-14, max_iter=200000)
+    a = fj.solve_lasso(op, o, 0.02, **kwargs)
+    b = fj.solve_lasso(op, o, 0.02, init=rng.normal(size=(2,) + op.in_shape) * 5, **kwargs)
+    assert bool(jnp.all(a.converged & b.converged))
+    np.testing.assert_allclose(a.z, b.z, atol=1e-6)
+
+
+def test_per_sample_lambda_equals_separate_solves(x64):
+    rng = np.random.default_rng(3)
+    op = _small_dcgan_layer(rng)
+    o = rng.normal(size=(3,) + op.out_shape)
+    lams = np.array([0.001, 0.05, 0.5])
+    joint = fj.solve_lasso(op, o, lams, tol=1e-10)
+    for i, lam in enumerate(lams):
+        alone = fj.solve_lasso(op, o[i:i + 1], lam, tol=1e-10)
+        np.testing.assert_allclose(joint.z[i], alone.z[0], atol=1e-7)
+        assert int(joint.iterations[i]) == int(alone.iterations[0])
+    # Samples stop on their own: different problems take different numbers of iterations.
+    assert len(set(np.asarray(joint.iterations).tolist())) > 1
+
+
+def _torch_reference_fista(torch, w, o_shift, delta0, lr, alpha, iterations, stride, padding):
+    """A plain transcription of the reference solver (ista_conv2d, conv-transpose branch)."""
+    F = torch.nn.functional
+    x = delta0.clone()
+    y, t = x.clone(), 1.0
+    iterates = []
+    for _ in range(iterations):
+        grad = F.conv2d(F.conv_transpose2d(y, w, stride=stride, padding=padding) - o_shift, w,
+                        stride=stride, padding=padding)
+        x_next = F.softshrink(y - lr * grad, alpha * lr)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = x_next + ((t - 1) / t_next) * (x_next - x)
+        x, t = x_next, t_next
+        iterates.append(x.clone())
+    return iterates
+
+
+def test_paper_mode_reproduces_reference_fista_iterate_for_iterate(x64):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    op = _small_dcgan_layer(rng)
+    w = np.array(op.weight)
+    o = rng.normal(size=(2,) + op.out_shape)
+    zbar = np.abs(rng.normal(size=op.in_shape))
+    alpha, lr = 5e-3, 0.025
+    o_shift = o - np.asarray(op(zbar[None]))
+    iterates = _torch_reference_fista(
+        torch, torch.from_numpy(w), torch.from_numpy(o_shift),
+        torch.from_numpy(np.broadcast_to(zbar, (2,) + op.in_shape).copy()), lr, alpha, 60, 2, 1)
+    for k in (1, 2, 3, 10, 60):
+        ours = fj.solve_lasso(op, o, alpha, anchor=zbar, mode="paper", max_iter=k, tol=0.0)
+        assert ours.step == lr
+        np.testing.assert_allclose(ours.z - zbar, iterates[k - 1].numpy(), rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_paper_mode_stops_on_the_batch_wide_rule(x64):
+    rng = np.random.default_rng(5)
+    op = _small_dcgan_layer(rng)
+    o = rng.normal(size=(3,) + op.out_shape)
+    res = fj.solve_lasso(op, o, 5e-3, mode="paper", tol=1e-4, max_iter=5000)
+    # One rule for the whole batch: every sample stops at the same iteration.
+    assert len(set(np.asarray(res.iterations).tolist())) == 1
+    k = int(res.iterations[0])
+    before = fj.solve_lasso(op, o, 5e-3, mode="paper", tol=0.0, max_iter=k - 1)
+    change = np.abs(np.asarray(res.z - before.z)).reshape(3, -1).mean(axis=1)
+    assert change.max() <= 1e-4
+    assert 1 < k < 5000
+
+
+def test_no_recompilation_for_a_second_batch():
+    rng = np.random.default_rng(6)
+    op = _small_dcgan_layer(rng, np.float32, channels=5, size=7)
+    before = lasso_module._fista._cache_size()
+    for seed in range(3):
+        o = np.random.default_rng(seed).normal(size=(4,) + op.out_shape).astype(np.float32)
+        fj.solve_lasso(op, o, 0.01 * (seed + 1), max_iter=50 + seed, tol=1e-4 / (seed + 1),
+                       lipschitz=1.0)
+    assert lasso_module._fista._cache_size() == before + 1
+
+
+def test_float32_agrees_with_float64():
+    rng = np.random.default_rng(7)
+    op32 = _small_dcgan_layer(rng, np.float32)
+    o = rng.normal(size=(2,) + op32.out_shape).astype(np.float32)
+    res32 = fj.solve_lasso(op32, o, 0.01)
+    assert res32.z.dtype == jnp.float32 and bool(jnp.all(res32.converged))
+    with jax.enable_x64(True):
+        op64 = fj.ConvTranspose2d(np.asarray(op32.weight, np.float64), stride=2, padding=1,
+                                  in_size=op32.in_size)
+        res64 = fj.solve_lasso(op64, o.astype(np.float64), 0.01, tol=1e-12)
+        assert res64.z.dtype == jnp.float64
+        np.testing.assert_allclose(res32.objective, res64.objective, rtol=1e-4)
+
+
+def test_non_convergence_is_reported_not_hidden(x64):
+    rng = np.random.default_rng(8)
+    op = _small_dcgan_layer(rng)
+    o = rng.normal(size=(2,) + op.out_shape)
+    capped = fj.solve_lasso(op, o, 0.01, max_iter=3)
+    assert not bool(jnp.any(capped.converged))
+    assert np.all(np.asarray(capped.iterations) == 3)
+    diverged = fj.solve_lasso(op, o, 0.01, step=1e3, restart=False, max_iter=5000)
+    assert np.all(np.asarray(diverged.status) == lasso_module.NONFINITE)
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import numpy as np, jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import flipad_jax as fj
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=(8, 3, 4, 4)) * 0.3).astype(np.float32)
+    op = fj.ConvTranspose2d(w, stride=2, padding=1, in_size=(6, 6))
+    o = rng.normal(size=(16,) + op.out_shape).astype(np.float32)
+    zbar = np.abs(rng.normal(size=op.in_shape)).astype(np.float32)
+    lam = np.linspace(0.001, 0.1, 16).astype(np.float32)
+    single = fj.solve_lasso(op, o, lam, anchor=zbar)
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    shard = NamedSharding(mesh, P("batch"))
+    sharded = fj.solve_lasso(op, jax.device_put(o, shard), jax.device_put(lam, shard),
+                             anchor=zbar)
+    assert len(sharded.z.sharding.device_set) == 8, sharded.z.sharding
+    np.testing.assert_allclose(np.asarray(sharded.z), np.asarray(single.z), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(sharded.status), np.asarray(single.status))
+    print("OK")
+""")
+
+
+def test_sharded_solve_on_eight_cpu_devices_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(o=np.ones((2, 3, 9, 9), np.float32)), r"o has shape"),
+    (dict(o=np.full((2, 3, 12, 12), np.nan, np.float32)), r"o holds .* NaN/inf"),
+    (dict(o=np.ones((2, 3, 12, 12), np.int32)), r"o has dtype int32: expected a floating"),
+    (dict(o=np.ones((2, 3, 12, 12), np.float16)), r"expected the same floating dtype"),
+    (dict(lam=-0.1), r"lam has negative values"),
+    (dict(lam=np.ones(3, np.float32)), r"lam has shape \(3,\)"),
+    (dict(anchor=np.ones((5, 6, 6), np.float32)), r"anchor has shape"),
+    (dict(init=np.ones((1, 8, 6, 6), np.float32)), r"init has shape"),
+    (dict(stop="never"), r"stop='never'"),
+    (dict(mode="slow"), r"mode='slow'"),
+    (dict(step=-1.0), r"step=-1.0"),
+    (dict(max_iter=-5), r"max_iter=-5"),
+    (dict(tol=float("nan")), r"tol=nan"),
+])
+def test_bad_input_is_rejected_with_a_clear_message(change, match):
+    rng = np.random.default_rng(9)
+    op = _small_dcgan_layer(rng, np.float32)
+    args = dict(o=np.ones((2, 3, 12, 12), np.float32), lam=0.1)
+    args.update(change)
+    o, lam = args.pop("o"), args.pop("lam")
+    with pytest.raises(ValueError, match=match):
+        fj.solve_lasso(op, o, lam, **args)
