@@ -54,10 +54,10 @@ def mean_activation(prepared: Prepared, samples: int, *, seed: int, batch_size: 
     bar = tqdm(total=samples, desc="z̄", unit="latent", disable=not progress, leave=False)
     for start in range(0, samples, batch_size):
         z = latents(seed, start, min(batch_size, samples - start), prepared.latent_shape)
-        x, head_in = prepared.probe(z.to(prepared.device, prepared.dtype))
+        have = sum(k[0].shape[0] for k in kept)
+        x, head_in = prepared.probe(z.to(prepared.device, prepared.dtype), outputs=have < keep)
         batch_sum = head_in.to(acc_device, torch.float64).sum(0)
         total = batch_sum if total is None else total + batch_sum
-        have = sum(k[0].shape[0] for k in kept)
         if have < keep:
             kept.append((z[:keep - have], x[:keep - have].cpu(), head_in[:keep - have].cpu()))
         bar.update(z.shape[0])
@@ -75,7 +75,7 @@ def _max_error(head: Head, head_in: torch.Tensor, x: torch.Tensor) -> float:
 
 def convert(model, out, *, arch: Optional[str] = None, arch_options: Optional[dict] = None,
             latent_shape=None, samples: int = 10000, layer: Optional[str] = None, seed: int = 0,
-            batch_size: int = 128, bn_mode: str = "eval", device=None,
+            batch_size: Optional[int] = None, bn_mode: str = "eval", device=None,
             trust_pickle: bool = False, output_range=None, check_samples: int = 64,
             check_dtype: str = "float32", overwrite: bool = False,
             progress: bool = True) -> Conversion:
@@ -89,7 +89,8 @@ def convert(model, out, *, arch: Optional[str] = None, arch_options: Optional[di
       latent_shape: per-sample latent shape; default from the architecture / program.
       samples: N latents for z̄ (default 10000). seed: their seed (see ``runner.latents``).
       layer: name of the layer to invert; default the last linear layer that runs.
-      batch_size: latents per forward pass (matters for bn_mode="train"; reference 128).
+      batch_size: latents per forward pass; default 128 with bn_mode="train" (the reference's
+        batches, which set the batch statistics) and 500 in eval mode (faster; no effect on z̄).
       bn_mode: "eval" (running statistics, default) or "train" (batch statistics, the
         reference's behaviour); z̄ and samples must use the same mode.
       device: torch device; default CUDA, then MPS, then CPU.
@@ -104,6 +105,8 @@ def convert(model, out, *, arch: Optional[str] = None, arch_options: Optional[di
       :class:`Conversion`. Raises ``ValueError`` (and writes nothing) on any refusal.
     """
     t0 = time.perf_counter()
+    if batch_size is None:
+        batch_size = 128 if bn_mode == "train" else 500
     _check_positive("samples", samples)
     _check_positive("batch_size", batch_size)
     _check_positive("check_samples", check_samples)

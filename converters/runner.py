@@ -45,7 +45,7 @@ class Prepared(NamedTuple):
 
     Attributes:
       head: the found :class:`~converters.trace.HeadLayer` (None when not traced).
-      probe: ``probe(z) -> (x, head_input)`` (None when not traced).
+      probe: ``probe(z, outputs=True) -> (x, head_input)`` (None when not traced).
       generate: ``generate(z) -> x``.
       latent_shape: per-sample latent shape.
       bn_mode: "eval", "train" or "as_exported".
@@ -104,6 +104,8 @@ def prepare(source: Source, *, latent_shape=None, bn_mode: str = "eval", device=
     model = source.model
     if isinstance(model, nn.Module) and not isinstance(model, torch.jit.ScriptModule):
         model = copy.deepcopy(model).to(device)
+        if device.type == "cpu":  # oneDNN convolutions: 1.6x faster for the DCGAN on 2 cores
+            model = model.to(memory_format=torch.channels_last)
         _set_bn_mode(model, bn_mode)
         dtype = next(model.parameters()).dtype
         head, probe = None, None

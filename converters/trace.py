@@ -15,7 +15,8 @@ Two kinds of generators are traced:
 * graphs (``torch.export`` programs, and TorchScript converted to one): nodes of the FX graph in
   execution order, run with an interpreter that keeps the head's input.
 
-Both give a :class:`Probe`: ``probe(z) -> (x, head_input)`` for a batch of latents.
+Both give a probe: ``probe(z, outputs=True) -> (x, head_input)`` for a batch of latents
+(``outputs=False`` may skip computing x and return None for it).
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ class HeadLayer(NamedTuple):
     out_shape: tuple
 
 
-Probe = Callable[[torch.Tensor], tuple]
+Probe = Callable[..., tuple]
+
+
+class _StopForward(Exception):
+    """Raised by a probe's hook to end a forward pass once the head's input is captured."""
 
 
 # -- shared checks ------------------------------------------------------------------------------
@@ -236,12 +241,20 @@ def trace_module(model: nn.Module, z: torch.Tensor, layer: Optional[str] = None)
                      _module_geometry(module, name), activation, tuple(head_in.shape[1:]),
                      tuple(y.shape[1:]))
 
-    def probe(z):
+    def probe(z, outputs=True):
         captured = []
-        handle = module.register_forward_pre_hook(lambda m, inputs: captured.append(inputs[0]))
+
+        def grab(m, inputs):
+            captured.append(inputs[0])
+            if not outputs:  # the head input is all that is needed: skip the rest
+                raise _StopForward
+
+        handle = module.register_forward_pre_hook(grab)
         try:
             with torch.no_grad():
                 out = _single_tensor(model(z))
+        except _StopForward:
+            out = None
         finally:
             handle.remove()
         return out, captured[-1]
@@ -364,7 +377,7 @@ def trace_graph(gm: torch.fx.GraphModule, z: torch.Tensor, layer: Optional[str] 
         out = _single_tensor(interp.run(chunk), "the program")
         return out, interp.values[input_node]
 
-    def probe(z):
+    def probe(z, outputs=True):
         return run_chunked(run, z, fixed_batch)
 
     return head, probe

@@ -2,6 +2,7 @@
 
 from flipad_jax.operators import Conv2d, ConvTranspose2d, Linear
 from flipad_jax.lasso import LassoResult, solve_lasso
+from flipad_jax.head import Head
 
 __version__ = "0.1.0"
 

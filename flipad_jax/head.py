@@ -97,7 +97,7 @@ class Head:
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.float32, jnp.float64):
             raise ValueError(f"dtype={dtype}: expected float32 or float64")
-        if jnp.zeros((), dtype).dtype != dtype:
+        if jax.dtypes.canonicalize_dtype(dtype) != dtype:
             raise ValueError(f"dtype={dtype}: JAX runs without 64-bit types; enable "
                              "jax_enable_x64 (e.g. `with jax.enable_x64(True):`) first")
         bundle = read_bundle(Path(path))

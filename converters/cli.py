@@ -1,0 +1,168 @@
+"""``flipad convert`` and ``flipad sample``: argparse subcommands for ``flipad_jax.cli``.
+
+This module imports no torch at import time (``flipad --help`` works without it); the work is
+done by :func:`converters.convert.convert` and :func:`converters.sampling.sample`, imported
+when a subcommand runs. Each subcommand's ``func(args)`` returns the exit code: 0 on success,
+1 on a refused input (message on stderr; nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+ARCH_NAMES = "dcgan, wgangp, ebgan, lsgan, medigan_dcgan, klwgan, sd_vae_last"
+
+CONVERT_EXAMPLES = """\
+examples:
+  # weights of a reference architecture (state_dict via torch.load(weights_only=True))
+  flipad convert netG_epoch_49.pth --arch dcgan --out bundles/dcgan
+  # the Fashion-MNIST demo size: 1 channel, 32x32
+  flipad convert g.safetensors --arch dcgan --arch-opt nc=1 --arch-opt image_size=32 --out b/
+  # TorchScript or torch.export programs carry their architecture
+  flipad convert generator.ts --latent-shape 100,1,1 --out bundles/g
+  flipad convert generator.pt2 --out bundles/g --samples 5000 --seed 3
+  # the reference's training-mode BatchNorm (use the same mode for `flipad sample`)
+  flipad convert netG.pth --arch lsgan --bn-mode train --out bundles/lsgan
+"""
+
+SAMPLE_EXAMPLES = """\
+examples:
+  # train / val / test sets from three seeds (disjoint latents), quantised PNGs
+  flipad sample netG.pth --arch dcgan --n 10000 --seed 1 --out data/dcgan/train
+  flipad sample netG.pth --arch dcgan --n 1000 --seed 2 --out data/dcgan/val
+  flipad sample netG.pth --arch dcgan --n 1000 --seed 3 --out data/dcgan/test
+  # full precision, any output shape (e.g. tabular): one samples.npy
+  flipad sample klwgan.pth --arch klwgan --n 100000 --format npy --out data/klwgan/train
+"""
+
+
+def _ints(text: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated ints, e.g. 100,1,1")
+    return values
+
+
+def _range(text: str) -> tuple:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected low,high, e.g. -1,1")
+    return low, high
+
+
+def _arch_opt(text: str) -> tuple:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. nc=1")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _common(p: argparse.ArgumentParser, batch_size: str) -> None:
+    p.add_argument("model", metavar="MODEL", help="state_dict (.pt/.pth) or .safetensors with "
+                   "--arch, TorchScript file, or torch.export program (.pt2)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
+    p.add_argument("--arch", metavar="NAME", help=f"architecture of a weights file: {ARCH_NAMES}")
+    p.add_argument("--arch-opt", action="append", type=_arch_opt, default=[], metavar="KEY=VALUE",
+                   help="architecture option (repeatable), e.g. nc=1, image_size=32, nz=100")
+    p.add_argument("--latent-shape", type=_ints, metavar="D,...",
+                   help="per-sample latent shape, e.g. 100,1,1 (default: from the architecture)")
+    p.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
+    p.add_argument("--batch-size", type=int, help=f"latents per forward pass ({batch_size})")
+    p.add_argument("--bn-mode", choices=("eval", "train"), default="eval",
+                   help="BatchNorm statistics: eval = running (default), train = per batch "
+                   "(the reference's behaviour)")
+    p.add_argument("--device", help="torch device (default: cuda, then mps, then cpu)")
+    p.add_argument("--output-range", type=_range, metavar="LOW,HIGH",
+                   help="range of the images for heads without tanh/sigmoid, e.g. -1,1")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a fully pickled module: this EXECUTES code from the file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"flipad {command}: error: {error}", file=sys.stderr)
+    return 1
+
+
+def _run_convert(args) -> int:
+    from converters.convert import convert
+    try:
+        result = convert(args.model, args.out, arch=args.arch, arch_options=dict(args.arch_opt),
+                         latent_shape=args.latent_shape, samples=args.samples, layer=args.layer,
+                         seed=args.seed, batch_size=args.batch_size, bn_mode=args.bn_mode,
+                         device=args.device, trust_pickle=args.trust_pickle,
+                         output_range=args.output_range, check_samples=args.check_samples,
+                         check_dtype=args.check_dtype, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    except ValueError as e:
+        return _fail("convert", e)
+    meta = result.meta
+    check = meta["self_check"]
+    print(f"wrote {result.path}: layer {meta['layer']['name']!r} ({meta['layer']['kind']}, "
+          f"{meta['in_shape']} -> {meta['out_shape']}), activation {meta['activation']}, "
+          f"zbar from {meta['zbar']['n_samples']} latents, ||A||^2 = {meta['lipschitz']:.6g}; "
+          f"self-check max abs error {check['max_abs_error']:.3g} ({check['dtype']}, "
+          f"{check['n_samples']} samples, tolerance {check['tolerance']:g}); "
+          f"{result.seconds:.1f} s")
+    return 0
+
+
+def _run_sample(args) -> int:
+    from converters.sampling import sample
+    try:
+        out = sample(args.model, args.n, args.out, arch=args.arch,
+                     arch_options=dict(args.arch_opt), latent_shape=args.latent_shape,
+                     seed=args.seed, start=args.start,
+                     batch_size=500 if args.batch_size is None else args.batch_size,
+                     fmt=args.format, bn_mode=args.bn_mode, device=args.device,
+                     trust_pickle=args.trust_pickle, output_range=args.output_range,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    except ValueError as e:
+        return _fail("sample", e)
+    print(f"wrote {args.n} samples ({args.format}) to {out}")
+    return 0
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``flipad convert`` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "convert", help="PyTorch generator -> verified head bundle",
+        description="Find the generator's last linear layer and its activation by tracing a "
+        "forward pass, compute the mean activation zbar, check that the JAX head reproduces the "
+        "generator's images, and write the head bundle (head.safetensors + head.json).",
+        epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, batch_size="default 128 with --bn-mode train, else 500")
+    p.add_argument("--samples", type=int, default=10000,
+                   help="latents for zbar (default 10000)")
+    p.add_argument("--layer", metavar="NAME",
+                   help="layer to invert (default: the last Conv2d/ConvTranspose2d/Linear run)")
+    p.add_argument("--check-samples", type=int, default=64,
+                   help="latents for the self-check (default 64)")
+    p.add_argument("--check-dtype", choices=("float32", "float64"), default="float32",
+                   help="self-check precision: float32 (tolerance 1e-4) or float64 (1e-5)")
+    p.set_defaults(func=_run_convert)
+    return p
+
+
+def add_sample_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``flipad sample`` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "sample", help="write N samples of a PyTorch generator",
+        description="Write samples (latents START..START+N-1 of SEED, recorded in samples.json) "
+        "as quantised PNGs ({index:06d}.png) or one full-precision samples.npy.",
+        epilog=SAMPLE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, batch_size="default 500, the reference's")
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--start", type=int, default=0, help="index of the first latent (default 0)")
+    p.add_argument("--format", choices=("png", "npy"), default="png",
+                   help="png (8-bit, as in the paper) or npy (float32)")
+    p.set_defaults(func=_run_sample)
+    return p
