@@ -11,14 +11,16 @@ iteration times a small safety margin) FISTA (Beck & Teboulle 2009) reads
     δ⁺ = soft(y − s ∇f(y), λ s)                    soft(v, τ) = sign(v) max(|v| − τ, 0)
     t⁺ = (1 + √(1 + 4t²)) / 2,    y⁺ = δ⁺ + ((t − 1)/t⁺)(δ⁺ − δ)
 
-Each iteration costs one A and one Aᵀ: we evaluate g = ∇f(δ⁺) = Aᵀ(Aδ⁺ − r) at the *iterate*
-and get ∇f(y⁺) = g⁺ + β(g⁺ − g) by linearity. The residual Aδ⁺ − r and g⁺ then give, for free,
-the objective, the KKT residual and a duality gap at every iterate.
+Each iteration costs one A and one Aᵀ, for ∇f(y) = Aᵀ(Ay − r). The residual Ay − r and the
+gradient then give, for free, the objective, the KKT residual and a duality gap at y: the gap
+rule certifies (and returns) the point y the gradient was taken at. The change rules return the
+iterate δ, as the reference does. Either way the certificates reported are recomputed at the
+returned point.
 
 Restart (O'Donoghue & Candès 2015, gradient scheme), per sample: when
 ⟨y − δ⁺, δ⁺ − δ⟩ > 0 the momentum points uphill; set t⁺ = 1 and y⁺ = δ⁺.
 
-Certificates, per sample, at the iterate δ (ρ = r − Aδ, g = −Aᵀρ):
+Certificates, per sample, at a point δ (ρ = r − Aδ, g = −Aᵀρ = ∇f(δ)):
 
 * duality gap: with α = min(1, λ/‖g‖∞), θ = αρ is dual feasible (‖Aᵀθ‖∞ ≤ λ) and
   gap = P(δ) − D(θ) = ½(1 − α)²‖ρ‖² + Σⱼ (λ|δⱼ| + α δⱼ gⱼ) ≥ P(δ) − P*, written so that no two
@@ -27,15 +29,16 @@ Certificates, per sample, at the iterate δ (ρ = r − Aδ, g = −Aᵀρ):
 
 Stopping rules (``stop=``), each checked after every iteration:
 
-* ``"gap"`` (default): a sample stops when gap ≤ tol · P(δ) + ε · ½‖r‖²: its objective is
+* ``"gap"`` (default): a sample stops when gap(y) ≤ tol · P(y) + ε · ½‖r‖²: its objective is
   certified within a relative ``tol`` of the optimum. The second term (ε the dtype's machine
   epsilon, ½‖r‖² = P(z̄) the objective at the anchor) is the rounding level of the gap itself;
   it lets exactly solvable problems (P* = 0) stop and is far below ``tol`` · P otherwise.
-  For λ = 0 (least squares) the scaled dual point is 0 and the gap never closes, so such
-  samples stop on the KKT residual instead: ‖∇f(δ)‖∞ ≤ tol · ‖Aᵀr‖∞.
+  For λ = 0 (least squares) the scaled dual point is 0 and the gap never closes (and for
+  λ ≪ ‖Aᵀr‖∞ it closes only at rounding level), so samples with λ ≤ tol · ‖Aᵀr‖∞ stop on the
+  KKT residual instead: ‖∇f(y)‖∞ ≤ tol · ‖Aᵀr‖∞ (‖Aᵀr‖∞ is the λ above which δ = 0 is optimal).
   Default ``tol``: 1e-4 in float32 (whose gap is only accurate to about 1e-5 relative on the
   DCGAN layer), 1e-8 in float64.
-* ``"change"``: a sample stops when mean |δ⁺ − δ| ≤ tol.
+* ``"change"``: a sample stops when mean |δ⁺ − δ| ≤ tol (no certificate inside the loop).
 * ``"reference"``: the reference implementation's rule: the whole batch stops when the max over
   samples of mean |δ⁺ − δ| ≤ tol.
 
@@ -94,15 +97,10 @@ class LassoResult(NamedTuple):
 
 class _State(NamedTuple):
     delta: jax.Array      # iterate δ (internal layout)
-    y: jax.Array          # extrapolated point
-    grad: jax.Array       # ∇f(δ)
-    grad_y: jax.Array     # ∇f(y)
+    y: jax.Array          # extrapolated point, where the gradient is evaluated
     t: jax.Array          # (B,) momentum parameter
     active: jax.Array     # (B,) bool, still iterating
     iterations: jax.Array
-    objective: jax.Array
-    gap: jax.Array
-    kkt: jax.Array
     status: jax.Array
     k: jax.Array          # loop counter
 
@@ -140,34 +138,30 @@ def _certificates(delta, residual, grad, lam):
 
 @functools.partial(jax.jit, static_argnames=("in_shape", "restart", "stop"))
 def _fista(op, r, lam, delta0, step, tol, max_iter, *, in_shape, restart, stop):
-    """The FISTA loop on internal-layout arrays; see the module docstring."""
+    """The FISTA loop on internal-layout arrays; see the module docstring.
+
+    Returns the solution (internal layout) and per-sample iterations, objective, gap, KKT
+    residual and status, the certificates evaluated at the returned point.
+    """
     dtype = r.dtype
     step = jnp.asarray(step, dtype)
     tol = jnp.asarray(tol, dtype)
+    batch = r.shape[0]
 
-    rounding = jnp.finfo(dtype).eps * 0.5 * _per_sample_sum(jnp.square(r))
-    grad_scale = _per_sample_max(jnp.abs(op.adjoint(r, in_shape)))
-
-    def residual_and_grad(delta):
-        residual = op.apply(delta) - r
+    def residual_and_grad(z):
+        residual = op.apply(z) - r
         return residual, op.adjoint(residual, in_shape)
 
-    residual, grad = residual_and_grad(delta0)
-    objective, gap, kkt = _certificates(delta0, residual, grad, lam)
-    batch = r.shape[0]
-    state = _State(delta=delta0, y=delta0, grad=grad, grad_y=grad,
-                   t=jnp.ones((batch,), dtype), active=jnp.ones((batch,), bool),
-                   iterations=jnp.zeros((batch,), jnp.int32), objective=objective, gap=gap,
-                   kkt=kkt, status=jnp.full((batch,), MAX_ITER, jnp.int32),
-                   k=jnp.zeros((), jnp.int32))
+    if stop == "gap":
+        rounding = jnp.finfo(dtype).eps * 0.5 * _per_sample_sum(jnp.square(r))
+        grad_scale = _per_sample_max(jnp.abs(op.adjoint(r, in_shape)))
 
     def cond(s):
         return (s.k < max_iter) & jnp.any(s.active)
 
     def body(s):
-        delta = _soft_threshold(s.y - step * s.grad_y, _bcast(lam * step, s.y))
-        residual, grad = residual_and_grad(delta)
-        objective, gap, kkt = _certificates(delta, residual, grad, lam)
+        residual, grad = residual_and_grad(s.y)
+        delta = _soft_threshold(s.y - step * grad, _bcast(lam * step, s.y))
 
         t_next = (1 + jnp.sqrt(1 + 4 * s.t * s.t)) / 2
         beta = (s.t - 1) / t_next
@@ -175,35 +169,38 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, in_shape, restart, stop):
             uphill = _per_sample_sum((s.y - delta) * (delta - s.delta)) > 0
             t_next = jnp.where(uphill, 1, t_next)
             beta = jnp.where(uphill, 0, beta)
-        beta_b = _bcast(beta, delta)
-        y = delta + beta_b * (delta - s.delta)
-        grad_y = grad + beta_b * (grad - s.grad)
+        y = delta + _bcast(beta, delta) * (delta - s.delta)
 
         if stop == "gap":
-            done = jnp.where(lam > 0, gap <= tol * objective + rounding,
+            # Certify the point the gradient was taken at; a certified y is kept as it is.
+            objective, gap, kkt = _certificates(s.y, residual, grad, lam)
+            done = jnp.where(lam > tol * grad_scale, gap <= tol * objective + rounding,
                              kkt <= tol * grad_scale)
+            nonfinite = ~jnp.isfinite(objective)
+            step_taken = s.active & ~done & ~nonfinite
         else:
             change = _per_sample_sum(jnp.abs(delta - s.delta)) / np.prod(in_shape)
             done = change <= tol
             if stop == "reference":
                 done = jnp.broadcast_to(jnp.max(change) <= tol, done.shape)
-        nonfinite = ~jnp.isfinite(objective)
+            nonfinite = ~jnp.isfinite(change)
+            step_taken = s.active
         status = jnp.where(nonfinite, NONFINITE, jnp.where(done, CONVERGED, s.status))
+        keep = _bcast(step_taken, delta)
+        return _State(delta=jnp.where(keep, delta, s.delta), y=jnp.where(keep, y, s.y),
+                      t=jnp.where(step_taken, t_next, s.t),
+                      active=s.active & ~done & ~nonfinite,
+                      iterations=s.iterations + s.active.astype(jnp.int32),
+                      status=jnp.where(s.active, status, s.status), k=s.k + 1)
 
-        keep = _bcast(s.active, delta)
-        new = _State(delta=jnp.where(keep, delta, s.delta), y=jnp.where(keep, y, s.y),
-                     grad=jnp.where(keep, grad, s.grad),
-                     grad_y=jnp.where(keep, grad_y, s.grad_y),
-                     t=jnp.where(s.active, t_next, s.t),
-                     active=s.active & ~done & ~nonfinite,
-                     iterations=s.iterations + s.active.astype(jnp.int32),
-                     objective=jnp.where(s.active, objective, s.objective),
-                     gap=jnp.where(s.active, gap, s.gap), kkt=jnp.where(s.active, kkt, s.kkt),
-                     status=jnp.where(s.active, status, s.status), k=s.k + 1)
-        return new
-
+    state = _State(delta=delta0, y=delta0, t=jnp.ones((batch,), dtype),
+                   active=jnp.ones((batch,), bool), iterations=jnp.zeros((batch,), jnp.int32),
+                   status=jnp.full((batch,), MAX_ITER, jnp.int32), k=jnp.zeros((), jnp.int32))
     final = lax.while_loop(cond, body, state)
-    return final.delta, final.iterations, final.objective, final.gap, final.kkt, final.status
+    # The gap rule certifies y; the change rules, like the reference, return the iterate δ.
+    solution = final.y if stop == "gap" else final.delta
+    objective, gap, kkt = _certificates(solution, *residual_and_grad(solution), lam)
+    return solution, final.iterations, objective, gap, kkt, final.status
 
 
 def _sample_shape_of(op, o, anchor, init):
