@@ -134,10 +134,10 @@ def prepare(source: Source, *, latent_shape=None, bn_mode: str = "eval", device=
         try:
             program = TS2EPConverter(model, (example,)).convert()
         except Exception as e:
-            raise ValueError(f"the TorchScript generator could not be run on latents of shape "
-                             f"{tuple(example.shape)} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); check "
-                             "--latent-shape") from None
+            raise ValueError(f"latent_shape={shape}: the TorchScript generator could not be "
+                             f"run on latents of shape {tuple(example.shape)} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
+                             " pass the right --latent-shape") from None
     else:
         program = model
     fixed = export_fixed_batch(program)
