@@ -1,0 +1,274 @@
+"""DeepSAD (Ruff et al., ICLR 2020) with Optax: centre, loss, training loop, batched scoring.
+
+Objective, per batch of n samples with labels ỹ ∈ {+1 inlier, −1 outlier, 0 unlabelled} and
+d(x) = ‖φ(x) − c‖² (paper eq. 6; the reference's per-sample form):
+
+    loss = (1/n) Σ_i  { d(x_i)                     if ỹ_i = 0
+                      { η · (d(x_i) + 1e-6)^{ỹ_i}   otherwise
+
+so inliers are pulled to c and outliers pushed away through the inverse distance; weight decay is
+Adam's coupled L2 term. The score is s(x) = d(x) with BatchNorm in eval mode (running statistics):
+higher means less likely an inlier.
+
+Centre c: the mean embedding of the whole training set under the freshly initialised network in
+eval mode, then every coordinate with 0 < |c_j| < eps (0.1) set to ±eps by its sign, so no
+coordinate is trivially reachable; an exact 0 stays 0, as in the reference.
+
+Training (reference and paper, App. G.7): Adam(lr 5e-4, β (0.9, 0.999), eps 1e-8) with coupled
+weight decay 5e-7 (added to the gradient before the moments, as ``torch.optim.Adam(weight_decay=)``),
+learning rate ×0.1 at epochs 25, 50, 100 (PyTorch's ``MultiStepLR``, stepped per epoch), batch 128,
+50 epochs, shuffled each epoch with ``fold_in(key, epoch)``, last partial batch dropped, BatchNorm in
+train mode (batch statistics), last epoch's weights kept. No autoencoder pretraining: the
+reference's attribution scripts never use it (METHOD.md §4).
+
+The train step is one jit-compiled function (forward, loss, gradient, Adam update, BatchNorm
+statistics) with donated state; it gathers its batch from the training set, which stays on the
+device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from flipad_jax._checks import check_finite, check_floating
+
+DIST_EPS = 1e-6  # added to d before the power ỹ (the reference's ``eps``)
+
+
+class DeepSADModel(NamedTuple):
+    """A trained DeepSAD: everything needed to score (a pytree of arrays).
+
+    Attributes:
+      variables: Flax variables ``{"params": ..., "batch_stats": ...}``.
+      center: ``(rep_dim,)`` float32, c.
+    """
+
+    variables: dict
+    center: jax.Array
+
+
+class TrainLog(NamedTuple):
+    """Per-epoch mean training loss, ``(epochs,)`` float32, and the learning rate used."""
+
+    loss: np.ndarray
+    lr: np.ndarray
+
+
+def deepsad_loss(dist, semi_targets, eta: float = 1.0):
+    """Mean DeepSAD loss of a batch.
+
+    Args:
+      dist: ``(n,)`` squared distances d = ‖φ(x) − c‖².
+      semi_targets: ``(n,)`` labels, +1 inlier, −1 outlier, 0 unlabelled (any numeric dtype).
+      eta: weight η of the labelled terms.
+
+    Returns:
+      scalar, (1/n) Σ [d if ỹ = 0 else η (d + 1e-6)^ỹ].
+    """
+    y = jnp.asarray(semi_targets, dist.dtype)
+    labelled = eta * jnp.power(dist + DIST_EPS, y)
+    return jnp.mean(jnp.where(y == 0, dist, labelled))
+
+
+def push_from_zero(center, eps: float = 0.1):
+    """Coordinates with 0 < |c_j| < eps moved to sign(c_j)·eps; exact zeros stay (reference)."""
+    small = jnp.abs(center) < eps
+    return jnp.where(small & (center < 0), -eps, jnp.where(small & (center > 0), eps, center))
+
+
+def lr_schedule(lr: float, steps_per_epoch: int, milestones: Sequence[int] = (25, 50, 100),
+                gamma: float = 0.1):
+    """Piecewise-constant schedule over optimiser steps: ×gamma from each milestone epoch on."""
+    boundaries = {}
+    for m in sorted(set(int(m) for m in milestones)):
+        step = m * steps_per_epoch
+        boundaries[step] = boundaries.get(step, 1.0) * gamma
+    return optax.piecewise_constant_schedule(lr, boundaries)
+
+
+def adam_l2(schedule, weight_decay: float = 5e-7, b1: float = 0.9, b2: float = 0.999,
+            eps: float = 1e-8) -> optax.GradientTransformation:
+    """``torch.optim.Adam(weight_decay=wd)``: the decay wd·θ joins the gradient before Adam."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                       optax.scale_by_schedule(lambda count: -schedule(count)))
+
+
+def _batch_mesh():
+    devices = jax.devices()
+    return Mesh(np.asarray(devices), ("batch",)) if len(devices) > 1 else None
+
+
+def map_batches(fn, x, batch_size: int, *, progress: bool = False, desc: str = ""):
+    """Apply a jitted ``fn`` to ``x`` in fixed-size batches; concatenate the outputs (numpy).
+
+    The last batch is zero-padded to ``batch_size`` (one compilation for all batches) and the
+    padding dropped from the output. With several devices the batch axis is sharded over a 1-D
+    mesh of all local devices (``batch_size`` rounded up to a multiple of the device count).
+    """
+    n = len(x)
+    mesh = _batch_mesh()
+    sharding = None
+    if mesh is not None:
+        k = mesh.size
+        batch_size = -(-batch_size // k) * k
+        sharding = NamedSharding(mesh, PartitionSpec("batch"))
+    batch_size = min(batch_size, n) if mesh is None else batch_size
+    outputs = []
+    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        xb = np.asarray(x[start:start + batch_size])
+        size = len(xb)
+        if size < batch_size:
+            xb = np.concatenate([xb, np.zeros((batch_size - size,) + xb.shape[1:], xb.dtype)])
+        xb = jax.device_put(xb, sharding) if sharding is not None else jnp.asarray(xb)
+        outputs.append(np.asarray(fn(xb))[:size])
+    return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("net",))
+def _embed(net, variables, x):
+    return net.apply(variables, x, train=False)
+
+
+@functools.partial(jax.jit, static_argnames=("net",))
+def _score(net, model, x):
+    z = net.apply(model.variables, x, train=False)
+    return jnp.sum(jnp.square(z - model.center), axis=-1)
+
+
+def embed(net: nn.Module, variables, x, *, batch_size: int = 1024, progress: bool = False):
+    """φ(x) in eval mode: ``(n, *in_shape)`` → ``(n, rep_dim)`` numpy float32, batched."""
+    return map_batches(lambda xb: _embed(net, variables, xb), x, batch_size,
+                       progress=progress, desc="embed")
+
+
+def score(net: nn.Module, model: DeepSADModel, x, *, batch_size: int = 1024,
+          progress: bool = False):
+    """s(x) = ‖φ(x) − c‖² in eval mode: ``(n, *in_shape)`` → ``(n,)`` numpy float32, batched,
+    jit-compiled, sharded over the local devices when there are several."""
+    return map_batches(lambda xb: _score(net, model, xb), x, batch_size,
+                       progress=progress, desc="score")
+
+
+def init_center(net: nn.Module, variables, x, *, eps: float = 0.1, batch_size: int = 1024):
+    """c = mean of φ(x) over all of ``x`` (eval mode), then :func:`push_from_zero`."""
+    z = embed(net, variables, x, batch_size=batch_size)
+    return push_from_zero(jnp.asarray(z.astype(np.float64).mean(axis=0), jnp.float32), eps)
+
+
+def check_semi_targets(semi_targets, n: int):
+    """``(n,)`` labels in {−1, 0, +1} as int32; ValueError otherwise."""
+    y = np.asarray(semi_targets)
+    if y.shape != (n,):
+        raise ValueError(f"semi_targets has shape {y.shape}: expected ({n},), one label per "
+                         "sample")
+    values = set(np.unique(y).tolist())
+    if not values <= {-1, 0, 1}:
+        raise ValueError(f"semi_targets holds {sorted(values - {-1, 0, 1})}: expected +1 "
+                         "(inlier), -1 (outlier) or 0 (unlabelled)")
+    return y.astype(np.int32)
+
+
+def train_deepsad(net: nn.Module, x, semi_targets, *, key, epochs: int = 50, lr: float = 5e-4,
+                  lr_milestones: Sequence[int] = (25, 50, 100), lr_gamma: float = 0.1,
+                  weight_decay: float = 5e-7, batch_size: int = 128, eta: float = 1.0,
+                  center_eps: float = 0.1, progress: bool = True
+                  ) -> tuple[DeepSADModel, TrainLog]:
+    """Train DeepSAD on ``x`` with labels ``semi_targets`` (see the module docstring).
+
+    Args:
+      net: a Flax module from :mod:`flipad_jax.networks`, called as ``net(x, train=...)``.
+      x: ``(n, *in_shape)`` float32 training inputs (both classes).
+      semi_targets: ``(n,)`` +1 inlier (G's samples), −1 outlier, 0 unlabelled.
+      key: ``jax.random`` key; network init and shuffling derive from it, so the same key gives
+        identical results.
+      epochs, lr, lr_milestones, lr_gamma, weight_decay, batch_size, eta: as in the paper.
+      center_eps: the eps of :func:`push_from_zero`.
+      progress: show a progress bar with the epoch's mean loss.
+
+    Returns:
+      ``(DeepSADModel, TrainLog)``.
+    """
+    check_floating("x", x)
+    x = jnp.asarray(x, jnp.float32)
+    n = x.shape[0]
+    y = jnp.asarray(check_semi_targets(semi_targets, n))
+    check_finite("x", x)
+    if not (isinstance(epochs, (int, np.integer)) and epochs >= 1):
+        raise ValueError(f"epochs={epochs!r}: expected an int >= 1")
+    if not (isinstance(batch_size, (int, np.integer)) and 1 <= batch_size <= n):
+        raise ValueError(f"batch_size={batch_size!r}: expected an int in [1, {n}] (the number "
+                         "of training samples; the last partial batch is dropped)")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("eta", eta),
+                        ("center_eps", center_eps), ("lr_gamma", lr_gamma)):
+        if not (np.isscalar(value) and np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
+
+    init_key, shuffle_key = jax.random.split(key)
+    variables = net.init(init_key, x[:1], train=False)
+    center = init_center(net, variables, x, eps=center_eps)
+
+    n_batches = n // batch_size
+    step, tx, schedule = _trainer(net, float(eta), n_batches, float(lr),
+                                  tuple(int(m) for m in lr_milestones), float(lr_gamma),
+                                  float(weight_decay))
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+
+    losses, lrs = [], []
+    bar = tqdm(range(epochs), desc="DeepSAD", disable=not progress)
+    for e in bar:
+        lrs.append(float(schedule(e * n_batches)))
+        batches = _epoch_batches(jax.random.fold_in(shuffle_key, e), n, n_batches, batch_size)
+        batch_losses = []
+        for idx in batches:
+            params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, center,
+                                                        x, y, idx)
+            batch_losses.append(loss)
+        losses.append(float(np.mean(jax.device_get(batch_losses))))
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{lrs[-1]:.1e}")
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(f"DeepSAD training diverged: epoch losses {losses}")
+    model = DeepSADModel({"params": params, "batch_stats": batch_stats}, center)
+    return model, TrainLog(np.asarray(losses, np.float32), np.asarray(lrs, np.float32))
+
+
+@functools.lru_cache(maxsize=32)
+def _trainer(net, eta, n_batches, lr, milestones, gamma, weight_decay):
+    """(compiled train step, optimiser, schedule) per network and settings; cached so that refits
+    with the same settings reuse the compiled program."""
+    schedule = lr_schedule(lr, n_batches, milestones, gamma)
+    tx = adam_l2(schedule, weight_decay)
+
+    # A Python loop over this step, not a lax.scan: XLA:CPU runs convolutions inside a while
+    # loop ~40x slower than as top-level ops (measured here, jax 0.10).
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(params, batch_stats, opt_state, center, x, y, idx):
+        xb, yb = x[idx], y[idx]  # gather on the device: the training set is never copied
+
+        def loss_fn(p):
+            z, updates = net.apply({"params": p, "batch_stats": batch_stats}, xb, train=True,
+                                   mutable=["batch_stats"])
+            dist = jnp.sum(jnp.square(z - center), axis=-1)
+            return deepsad_loss(dist, yb, eta), updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    return step, tx, schedule
+
+
+@functools.partial(jax.jit, static_argnames=("n", "n_batches", "batch_size"))
+def _epoch_batches(key, n, n_batches, batch_size):
+    """The epoch's shuffled index batches, ``(n_batches, batch_size)``; the rest is dropped."""
+    return jax.random.permutation(key, n)[:n_batches * batch_size].reshape(n_batches, batch_size)
