@@ -1,0 +1,206 @@
+"""Detector inputs: FLIPAD (final-layer inversion), RawPAD (pixels) and DCTPAD (log-DCT) features.
+
+All functions take and return channel-first batches, ``(B, C, H, W)`` (or ``(B, D)`` for
+tabular FLIPAD features), float32.
+
+* FLIPAD (paper §4.3): ẑ = ``head.invert(images).z``, then max-pooled to at most ``pool_to``
+  spatially (the reference: LSGAN 64×64 → 32×32 with a 2×2 pool, Stable Diffusion 512 → 32 with 16),
+  then standardised with the *inliers'* training mean and std (+0.05).
+* RawPAD: the images resized to ``size`` by nearest neighbour (``F.interpolate``'s default mode:
+  source index ⌊i·H_in/H_out⌋, i.e. every other pixel for 64 → 32); not standardised.
+* DCTPAD: per channel log(|DCT-II(x)| + 1e-10) of the ``crop``×``crop`` centre crop, with the
+  unnormalised DCT-II (``scipy.fft.dctn(type=2, norm=None)``, the reference's ``torch_dct`` with
+  ``norm=None``); standardised with the mean and std of *all* training features (+0.05).
+
+The standardisation statistics are fitted on training data only (:class:`Standardizer`) and saved
+with the detector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flipad_jax._checks import check_finite, check_floating
+
+STD_EPS = 0.05  # added to the std before dividing (reference ``EPS_std``)
+LOG_EPS = 1e-10
+FEATURE_KINDS = ("flipad", "raw", "dct")
+# Which training samples the standardisation statistics come from, per feature kind.
+STANDARDIZE_ON = {"flipad": "inliers", "raw": None, "dct": "all"}
+
+
+def _check_images(name: str, x):
+    x = jnp.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}: expected (B, C, H, W) images")
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        x = x.astype(jnp.float32)
+    check_floating(name, x)
+    return x
+
+
+def resize_nearest(images, size: int):
+    """``(B, C, H, W)`` → ``(B, C, size, size)`` by PyTorch's nearest rule, index ⌊i·H/size⌋."""
+    x = _check_images("images", images)
+    h, w = x.shape[-2:]
+    rows = np.minimum(np.floor(np.arange(size) * (h / size)).astype(np.int64), h - 1)
+    cols = np.minimum(np.floor(np.arange(size) * (w / size)).astype(np.int64), w - 1)
+    return x[:, :, rows][:, :, :, cols]
+
+
+def center_crop(images, size: int):
+    """The central ``size``×``size`` window (torchvision's rounding of the offset)."""
+    x = _check_images("images", images)
+    h, w = x.shape[-2:]
+    if size > h or size > w:
+        raise ValueError(f"crop={size}: expected at most the image size {(h, w)}")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[:, :, top:top + size, left:left + size]
+
+
+@jax.jit
+def _log_dct(x):
+    coeffs = jax.scipy.fft.dctn(x, type=2, axes=(-2, -1), norm=None)
+    return jnp.log(jnp.abs(coeffs) + LOG_EPS)
+
+
+def dct_features(images, crop: Optional[int] = 32):
+    """DCTPAD: log(|DCT-II₂D| + 1e-10) per channel of the centre crop (None: whole image)."""
+    x = _check_images("images", images)
+    if crop is not None:
+        x = center_crop(x, crop)
+    return _log_dct(x.astype(jnp.float32))
+
+
+def raw_features(images, size: Optional[int] = 32):
+    """RawPAD: images resized to ``size`` by nearest neighbour (None: unchanged)."""
+    x = _check_images("images", images).astype(jnp.float32)
+    return x if size is None or x.shape[-2:] == (size, size) else resize_nearest(x, size)
+
+
+def max_pool_to(z, size: Optional[int] = 32):
+    """Max-pool ``(B, C, H, W)`` activations with kernel = stride = H // size so that the result
+    is at most ``size``×``size``; smaller maps (and vectors, ``(B, D)``) pass unchanged."""
+    z = jnp.asarray(z)
+    if size is None or z.ndim == 2 or max(z.shape[-2:]) <= size:
+        return z
+    h, w = z.shape[-2:]
+    if h % size or w % size or h // size != w // size:
+        raise ValueError(f"activations of spatial size {(h, w)}: expected H and W multiples of "
+                         f"pool_to={size} with the same factor")
+    k = h // size
+    b, c = z.shape[:2]
+    return z.reshape(b, c, size, k, size, k).max(axis=(3, 5))
+
+
+def flipad_features(head, images, *, lam: float = 5e-4, pool_to: Optional[int] = 32,
+                    **solver_kwargs):
+    """FLIPAD features before standardisation: ``max_pool_to(head.invert(images).z)``.
+
+    Args:
+      head: a :class:`~flipad_jax.Head`.
+      images: ``(B, *head.out_shape)`` images in the head's output range (or pass ``x_range``).
+      lam: λ of the lasso (paper: 5e-4 small GANs).
+      pool_to: spatial size the activations are max-pooled down to (None: no pooling).
+      **solver_kwargs: passed to ``head.invert`` (x_range, clip, max_iter, tol, mode, ...).
+
+    Returns:
+      ``(B, C', h, w)`` float32 (``(B, D)`` for a linear head).
+    """
+    res = head.invert(images, lam, **solver_kwargs)
+    z = res.z
+    bad = np.asarray(res.status) == 2
+    if bad.any():
+        raise ValueError(f"images: the inversion of {int(bad.sum())} image(s) (indices "
+                         f"{np.flatnonzero(bad)[:10].tolist()}) went non-finite: expected finite "
+                         "activations")
+    return max_pool_to(z, pool_to)
+
+
+class Standardizer(NamedTuple):
+    """(x − mean) / (std + eps), statistics per feature element (C×H×W or D).
+
+    ``std`` is the unbiased sample standard deviation (``torch.std``'s default), as in the
+    reference; ``eps`` = 0.05 keeps near-constant elements from blowing up.
+    """
+
+    mean: jax.Array
+    std: jax.Array
+    eps: float = STD_EPS
+
+    @classmethod
+    def fit(cls, x, eps: float = STD_EPS) -> "Standardizer":
+        """Statistics of ``(n, *shape)`` features over the sample axis (n ≥ 2), in float64."""
+        x = np.asarray(x, np.float64)
+        if len(x) < 2:
+            raise ValueError(f"x has {len(x)} sample(s): expected at least 2 to fit a std")
+        return cls(jnp.asarray(x.mean(axis=0), jnp.float32),
+                   jnp.asarray(x.std(axis=0, ddof=1), jnp.float32), float(eps))
+
+    def __call__(self, x):
+        return (jnp.asarray(x, jnp.float32) - self.mean) / (self.std + self.eps)
+
+
+def top_channels(x_inliers, x_outliers, k: int):
+    """Indices of the ``k`` channels whose inlier and outlier mean features differ most.
+
+    The score of channel j is the mean over space of |mean_inliers − mean_outliers|; indices are
+    returned in descending score order (the reference's ``select_channels``).
+
+    Args:
+      x_inliers, x_outliers: ``(n, C, H, W)`` or ``(n, D)`` (then per dimension).
+      k: number of channels, 1 ≤ k ≤ C.
+    """
+    a = np.asarray(x_inliers, np.float64).mean(axis=0)
+    b = np.asarray(x_outliers, np.float64).mean(axis=0)
+    diff = np.abs(a - b)
+    per_channel = diff.reshape(diff.shape[0], -1).mean(axis=1)
+    if not (isinstance(k, (int, np.integer)) and 1 <= k <= len(per_channel)):
+        raise ValueError(f"top_k={k!r}: expected an int in [1, {len(per_channel)}] (the number "
+                         "of channels)")
+    return np.argsort(-per_channel, kind="stable")[:k].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How images become detector inputs; JSON-able (saved with the detector).
+
+    Attributes:
+      kind: "flipad" (needs a head), "raw" or "dct".
+      lam: FLIPAD's λ.
+      pool_to: FLIPAD max-pool target size (None: none).
+      size: RawPAD resize target (None: none).
+      crop: DCTPAD centre crop (None: whole image).
+      invert_kwargs: extra keyword arguments for ``head.invert`` (solver settings, x_range,
+        clip), JSON-able values only.
+    """
+
+    kind: str = "flipad"
+    lam: float = 5e-4
+    pool_to: Optional[int] = 32
+    size: Optional[int] = 32
+    crop: Optional[int] = 32
+    invert_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in FEATURE_KINDS:
+            raise ValueError(f"features={self.kind!r}: expected one of {FEATURE_KINDS}")
+
+    def extract(self, images, head=None):
+        """Unstandardised features of ``(B, C, H, W)`` images (see the module docstring)."""
+        if self.kind == "flipad":
+            if head is None:
+                raise ValueError("head=None: FLIPAD features need the generator's Head")
+            return flipad_features(head, images, lam=self.lam, pool_to=self.pool_to,
+                                   **self.invert_kwargs)
+        if self.kind == "raw":
+            return raw_features(images, self.size)
+        return dct_features(images, self.crop)
+
+    def to_json(self) -> dict:
+        return asdict(self)
