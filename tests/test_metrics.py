@@ -1,0 +1,64 @@
+"""Metrics against numpy quantiles, scikit-learn's AUC and hand counts."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from flipad_jax.metrics import (accuracy, attribution_table, evaluate, min_validation_samples,
+                                rates, realised_fnr, roc_auc, threshold)
+
+
+@pytest.mark.parametrize("fnr", [0.005, 0.05, 0.1, 0.37])
+def test_threshold_equals_numpy_quantile(fnr):
+    s = np.random.default_rng(0).gamma(2.0, size=1000)
+    assert threshold(s, fnr) == np.quantile(s, 1 - fnr)
+    assert abs(realised_fnr(s, threshold(s, fnr)) - fnr) <= 1 / 1000 + 1e-12
+
+
+def test_threshold_bad_input():
+    s = np.arange(100.0)
+    for bad in (0, 1, 0.0, 1.0, -0.1, 1.5, np.nan, True):
+        with pytest.raises(ValueError, match="open interval"):
+            threshold(s, bad)
+    with pytest.raises(ValueError, match="expected at least 200"):
+        threshold(s, 0.005)
+    assert min_validation_samples(0.05) == 20 and min_validation_samples(0.005) == 200
+    with pytest.raises(ValueError, match="NaN"):
+        threshold(np.r_[s, np.nan], 0.1)
+
+
+def test_rates_and_accuracy_hand_counted():
+    sg = np.array([0.1, 0.2, 0.3, 0.9])     # 3 of 4 ≤ 0.5
+    so = np.array([0.4, 0.6, 0.7, 0.8])     # 3 of 4 > 0.5
+    assert rates(sg, so, 0.5) == {"tpr": 0.75, "fnr": 0.25, "tnr": 0.75, "fpr": 0.25}
+    assert accuracy(sg, so, 0.5) == 0.75
+    assert accuracy(sg, so, 0.3) == pytest.approx(0.5 * (3 / 4 + 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=30),
+       st.lists(st.integers(0, 5), min_size=1, max_size=30))
+def test_auc_matches_sklearn_with_ties(sg, so):
+    metrics = pytest.importorskip("sklearn.metrics")
+    y = np.r_[np.ones(len(sg)), np.zeros(len(so))]
+    expected = metrics.roc_auc_score(y, -np.r_[sg, so].astype(float))
+    assert roc_auc(np.asarray(sg, float), np.asarray(so, float)) == pytest.approx(expected)
+
+
+def test_evaluate_and_tables():
+    rng = np.random.default_rng(1)
+    sg = rng.normal(0, 1, 200)
+    recs = evaluate(sg, {"real": rng.normal(3, 1, 200), "wgan": rng.normal(1, 1, 200)},
+                    {0.05: threshold(sg, 0.05)})
+    assert [r["other"] for r in recs] == ["real", "wgan"]
+    assert recs[0]["acc@fnr=0.05"] > recs[1]["acc@fnr=0.05"]
+    rows = [dict(r, method="FLIPAD", model="DCGAN") for r in recs] + \
+           [{"method": "RawPAD", "model": "DCGAN", "other": "real", "acc@fnr=0.05": 0.5}]
+    t1 = attribution_table(rows, value="acc@fnr=0.05")
+    mean = 100 * np.mean([r["acc@fnr=0.05"] for r in recs])
+    assert t1.splitlines()[2] == f"| FLIPAD | {mean:.2f} |"
+    assert t1.splitlines()[3] == "| RawPAD | 50.00 |"
+    t8 = attribution_table(rows, value="acc@fnr=0.05", per_other=True)
+    assert "DCGAN vs wgan" in t8 and t8.splitlines()[3].endswith("| 50.00 | – |")
+    with pytest.raises(ValueError, match="expected a key 'method'"):
+        attribution_table([{"model": "x"}])
