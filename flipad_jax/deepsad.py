@@ -29,6 +29,7 @@ device.
 from __future__ import annotations
 
 import functools
+import time
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -57,10 +58,12 @@ class DeepSADModel(NamedTuple):
 
 
 class TrainLog(NamedTuple):
-    """Per-epoch mean training loss, ``(epochs,)`` float32, and the learning rate used."""
+    """Per epoch, ``(epochs,)``: mean training loss, learning rate, wall-clock seconds (the first
+    epoch includes compilation; samples/s = n_batches · batch_size / seconds)."""
 
     loss: np.ndarray
     lr: np.ndarray
+    seconds: np.ndarray
 
 
 def deepsad_loss(dist, semi_targets, eta: float = 1.0):
@@ -109,26 +112,25 @@ def _batch_mesh():
 
 
 def map_batches(fn, x, batch_size: int, *, progress: bool = False, desc: str = ""):
-    """Apply a jitted ``fn`` to ``x`` in fixed-size batches; concatenate the outputs (numpy).
+    """Apply a jitted ``fn`` to ``x`` in batches; concatenate the outputs (numpy).
 
-    The last batch is zero-padded to ``batch_size`` (one compilation for all batches) and the
-    padding dropped from the output. With several devices the batch axis is sharded over a 1-D
-    mesh of all local devices (``batch_size`` rounded up to a multiple of the device count).
+    Batches are zero-padded to ``batch_size``, or for a short tail to the next power of two,
+    so that few shapes are ever compiled; the padding is dropped from the output. With several
+    devices the batch axis is sharded over a 1-D mesh of all local devices (padded sizes rounded
+    up to a multiple of the device count).
     """
     n = len(x)
     mesh = _batch_mesh()
-    sharding = None
-    if mesh is not None:
-        k = mesh.size
-        batch_size = -(-batch_size // k) * k
-        sharding = NamedSharding(mesh, PartitionSpec("batch"))
-    batch_size = min(batch_size, n) if mesh is None else batch_size
+    k = 1 if mesh is None else mesh.size
+    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("batch"))
+    batch_size = -(-batch_size // k) * k
     outputs = []
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         xb = np.asarray(x[start:start + batch_size])
         size = len(xb)
-        if size < batch_size:
-            xb = np.concatenate([xb, np.zeros((batch_size - size,) + xb.shape[1:], xb.dtype)])
+        padded = min(batch_size, -(-max(8, 1 << (size - 1).bit_length()) // k) * k)
+        if size < padded:
+            xb = np.concatenate([xb, np.zeros((padded - size,) + xb.shape[1:], xb.dtype)])
         xb = jax.device_put(xb, sharding) if sharding is not None else jnp.asarray(xb)
         outputs.append(np.asarray(fn(xb))[:size])
     return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
@@ -224,10 +226,11 @@ def train_deepsad(net: nn.Module, x, semi_targets, *, key, epochs: int = 50, lr:
     params, batch_stats = variables["params"], variables["batch_stats"]
     opt_state = tx.init(params)
 
-    losses, lrs = [], []
+    losses, lrs, seconds = [], [], []
     bar = tqdm(range(epochs), desc="DeepSAD", disable=not progress)
     for e in bar:
         lrs.append(float(schedule(e * n_batches)))
+        start = time.perf_counter()
         batches = _epoch_batches(jax.random.fold_in(shuffle_key, e), n, n_batches, batch_size)
         batch_losses = []
         for idx in batches:
@@ -235,11 +238,13 @@ def train_deepsad(net: nn.Module, x, semi_targets, *, key, epochs: int = 50, lr:
                                                         x, y, idx)
             batch_losses.append(loss)
         losses.append(float(np.mean(jax.device_get(batch_losses))))
+        seconds.append(time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{lrs[-1]:.1e}")
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(f"DeepSAD training diverged: epoch losses {losses}")
     model = DeepSADModel({"params": params, "batch_stats": batch_stats}, center)
-    return model, TrainLog(np.asarray(losses, np.float32), np.asarray(lrs, np.float32))
+    return model, TrainLog(np.asarray(losses, np.float32), np.asarray(lrs, np.float32),
+                           np.asarray(seconds))
 
 
 @functools.lru_cache(maxsize=32)
