@@ -3,6 +3,8 @@
 from flipad_jax.operators import Conv2d, ConvTranspose2d, Linear
 from flipad_jax.lasso import LassoResult, solve_lasso
 from flipad_jax.head import Head
+from flipad_jax.detector import Detector
+from flipad_jax import metrics
 
 __version__ = "0.1.0"
 
