@@ -8,9 +8,11 @@ same synthetic data, the training set resident on the device. The PyTorch side i
 to the reference's spec (``src/sad/optim/DeepSAD_trainer.py``), without a DataLoader, so that
 both loops measure the train step and not input pipelines.
 
-Reported: samples/s per epoch for training (median over the timed epochs; the first epoch,
-which compiles, is excluded on both sides) and for scoring (eval mode, batches of 1024,
-median over repeats after a warm-up), and the ratios ours / PyTorch.
+Reported: samples/s per epoch for training (median over the timed epochs of all rounds; the
+first epoch of each round, which compiles or warms up, is excluded on both sides) and for
+scoring (eval mode, batches of 1024, median over repeats after a warm-up), and the ratios
+ours / PyTorch. Ours and PyTorch alternate for ``--rounds`` rounds, so drifting machine load hits
+both alike.
 
     python benchmarks/deepsad.py --device cpu --out deepsad_cpu.json
     python benchmarks/deepsad.py --device cuda --networks lenet_cifar10 lenet_64channels \
@@ -128,6 +130,15 @@ def bench_ours(name, x_np, y_np, batch, epochs, score_repeats):
             "score_samples_per_s": len(x_np) / np.median(times)}
 
 
+def _rounds():
+    return {"train_samples_per_s": [], "score_samples_per_s": []}
+
+
+def _merge(acc, one):
+    acc["train_samples_per_s"] += list(one["train_samples_per_s"])
+    acc["score_samples_per_s"].append(float(one["score_samples_per_s"]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -136,6 +147,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up)")
     p.add_argument("--score-repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternate ours and PyTorch this many times (evens out load drift)")
     p.add_argument("--out", help="write the results as JSON to this file")
     args = p.parse_args(argv)
 
@@ -152,16 +165,20 @@ def main(argv=None):
                "torch_device": str(torch.cuda.get_device_name(0) if args.device == "cuda"
                                    else platform.processor() or platform.machine()),
                "torch_threads": torch.get_num_threads(), "n": args.n, "batch": args.batch,
-               "epochs_timed": args.epochs, "versions": {"jax": jax.__version__,
+               "epochs_timed": args.epochs, "rounds": args.rounds, "versions": {"jax": jax.__version__,
                                                          "torch": torch.__version__},
                "networks": {}}
     for name in args.networks:
         shape, widths = SPECS[name]
         x = rng.normal(size=(args.n,) + shape).astype(np.float32)
         y = np.where(np.arange(args.n) % 2 == 0, 1, -1).astype(np.int32)
-        ours = bench_ours(name, x, y, args.batch, args.epochs, args.score_repeats)
-        ref = bench_torch(torch, device, shape, widths, x, y, args.batch, args.epochs,
-                          args.score_repeats)
+        ours, ref = _rounds(), _rounds()
+        for _ in range(args.rounds):
+            _merge(ours, bench_ours(name, x, y, args.batch, args.epochs, args.score_repeats))
+            _merge(ref, bench_torch(torch, device, shape, widths, x, y, args.batch, args.epochs,
+                                    args.score_repeats))
+        ours["score_samples_per_s"] = float(np.median(ours["score_samples_per_s"]))
+        ref["score_samples_per_s"] = float(np.median(ref["score_samples_per_s"]))
         row = {"ours": ours, "torch": ref,
                "train_ratio": float(np.median(ours["train_samples_per_s"])
                                     / np.median(ref["train_samples_per_s"])),
