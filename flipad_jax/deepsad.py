@@ -277,3 +277,71 @@ def _trainer(net, eta, n_batches, lr, milestones, gamma, weight_decay):
 def _epoch_batches(key, n, n_batches, batch_size):
     """The epoch's shuffled index batches, ``(n_batches, batch_size)``; the rest is dropped."""
     return jax.random.permutation(key, n)[:n_batches * batch_size].reshape(n_batches, batch_size)
+
+
+class DeepSAD:
+    """DeepSAD as a PyOD-style estimator on arrays (features, not images).
+
+    ``fit(X, y)`` takes PyOD's labels: ``y == 1`` a known anomaly (DeepSAD label −1), ``y == 0``
+    unlabelled (label 0, pulled to c like Deep SVDD); or ``semi_targets=`` in DeepSAD's own
+    convention (+1 inlier, −1 outlier, 0 unlabelled). ``decision_function(X)`` (alias
+    ``score``) is ‖φ(x) − c‖², higher = more anomalous.
+
+    Args:
+      network: a name of :data:`flipad_jax.networks.ARCHITECTURES`; default chosen from the
+        input shape (:func:`~flipad_jax.networks.default_network`).
+      network_kwargs: overrides for the network.
+      seed: seed of the initialisation and shuffling.
+      score_batch_size: batch size of scoring.
+      **train_kwargs: :func:`train_deepsad` settings (epochs, lr, lr_milestones, lr_gamma,
+        weight_decay, batch_size, eta, center_eps, progress).
+
+    Fitted attributes: ``network_`` (name, kwargs), ``net_`` (the Flax module), ``model_``
+    (:class:`DeepSADModel`), ``center_``, ``losses_``, ``log_`` (:class:`TrainLog`).
+    """
+
+    def __init__(self, network: Optional[str] = None, network_kwargs: Optional[dict] = None,
+                 *, seed: int = 0, score_batch_size: int = 1024, **train_kwargs):
+        self.network = network
+        self.network_kwargs = dict(network_kwargs or {})
+        self.seed = seed
+        self.score_batch_size = score_batch_size
+        self.train_kwargs = train_kwargs
+
+    def fit(self, X, y=None, *, semi_targets=None) -> "DeepSAD":
+        from flipad_jax.networks import build_network, default_network
+
+        n = len(X)
+        if y is not None and semi_targets is not None:
+            raise ValueError("y and semi_targets: expected at most one of them")
+        if y is not None:
+            y = np.asarray(y)
+            if y.shape != (n,) or not set(np.unique(y).tolist()) <= {0, 1}:
+                raise ValueError(f"y has shape {y.shape} and values {np.unique(y)[:5]}: "
+                                 f"expected ({n},) with 1 = known anomaly, 0 = unlabelled")
+            semi_targets = np.where(y == 1, -1, 0)
+        elif semi_targets is None:
+            semi_targets = np.zeros(n, np.int32)  # all unlabelled: Deep SVDD
+        name, kwargs = ((self.network, {}) if self.network
+                        else default_network(np.shape(X)[1:]))
+        kwargs = {**kwargs, **self.network_kwargs}
+        self.network_ = (name, kwargs)
+        self.net_ = build_network(name, **kwargs)
+        self.model_, self.log_ = train_deepsad(self.net_, X, semi_targets,
+                                               key=jax.random.key(self.seed), **self.train_kwargs)
+        self.losses_ = self.log_.loss
+        return self
+
+    @property
+    def center_(self):
+        return self.model_.center
+
+    def decision_function(self, X):
+        """``(n,)`` float32 scores ‖φ(x) − c‖² (eval mode)."""
+        if not hasattr(self, "model_"):
+            raise ValueError("this DeepSAD is not fitted: call fit(X, y) first")
+        check_floating("X", X)
+        check_finite("X", X)
+        return score(self.net_, self.model_, X, batch_size=self.score_batch_size)
+
+    score = decision_function

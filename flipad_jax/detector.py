@@ -30,10 +30,10 @@ import numpy as np
 
 from flipad_jax import checkpoint
 from flipad_jax._checks import check_floating
-from flipad_jax.deepsad import DeepSADModel, score as deepsad_score, train_deepsad
+from flipad_jax.deepsad import DeepSAD, DeepSADModel, score as deepsad_score
 from flipad_jax.features import STANDARDIZE_ON, STD_EPS, FeatureConfig, Standardizer, top_channels
 from flipad_jax.metrics import check_fnr, min_validation_samples, threshold
-from flipad_jax.networks import build_network, default_network
+from flipad_jax.networks import build_network
 
 FORMAT = "flipad-jax detector"
 FORMAT_VERSION = 1
@@ -180,21 +180,20 @@ class Detector:
         self.channels_ = None
         if cfg["top_k"] is not None:
             self.channels_ = top_channels(f_model, f_other, cfg["top_k"]).tolist()
-        name, kwargs = (cfg["network"], {}) if cfg["network"] else default_network(shape)
-        kwargs = {**kwargs, **cfg["network_kwargs"]}
+        kwargs = dict(cfg["network_kwargs"])
         if self.channels_ is not None:
             kwargs["channels"] = self.channels_
-        self.network_ = (name, kwargs)
-        self._net = build_network(name, **kwargs)
-
+        sad = DeepSAD(cfg["network"], kwargs, seed=cfg["seed"],
+                      score_batch_size=cfg["score_batch_size"], epochs=cfg["epochs"],
+                      lr=cfg["lr"], lr_milestones=cfg["lr_milestones"],
+                      lr_gamma=cfg["lr_gamma"], weight_decay=cfg["weight_decay"],
+                      batch_size=cfg["batch_size"], eta=cfg["eta"],
+                      center_eps=cfg["center_eps"], progress=cfg["progress"])
         x = np.concatenate([f_model, f_other])
         y = np.r_[np.ones(len(f_model), np.int32), -np.ones(len(f_other), np.int32)]
-        self.model_, log = train_deepsad(
-            self._net, x, y, key=jax.random.key(cfg["seed"]), epochs=cfg["epochs"],
-            lr=cfg["lr"], lr_milestones=cfg["lr_milestones"], lr_gamma=cfg["lr_gamma"],
-            weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"], eta=cfg["eta"],
-            center_eps=cfg["center_eps"], progress=cfg["progress"])
-        self.losses_ = log.loss
+        sad.fit(x, semi_targets=y)
+        self.network_, self._net, self.model_, self.losses_ = (sad.network_, sad.net_,
+                                                               sad.model_, sad.losses_)
         self.val_scores_ = self._score_features(f_val)
         self.thresholds_ = {fnr: threshold(self.val_scores_, fnr) for fnr in cfg["fnrs"]}
         return self

@@ -113,3 +113,23 @@ def test_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         train_deepsad(net, np.full((10, 3), np.nan, np.float32), np.ones(10), key=key,
                       batch_size=5, progress=False)
+
+
+def test_pyod_form_fit_x_y():
+    from flipad_jax.deepsad import DeepSAD
+    inl, out = _gaussians(jax.random.key(11), 256)
+    x = np.concatenate([inl, out[:32]])                 # mostly unlabelled normal data
+    y = np.r_[np.zeros(256), np.ones(32)].astype(int)   # PyOD: 1 = known anomaly
+    kw = dict(network="mlp", network_kwargs=dict(in_features=8, hidden=(16,), rep_dim=4),
+              epochs=6, batch_size=32, lr=1e-3, progress=False)
+    a = DeepSAD(**kw).fit(x, y)
+    b = DeepSAD(**kw).fit(x, semi_targets=np.where(y == 1, -1, 0))
+    np.testing.assert_array_equal(a.decision_function(out), b.decision_function(out))
+    test_in, test_out = _gaussians(jax.random.key(12), 200)
+    assert np.median(a.score(test_out)) > np.quantile(a.score(test_in), 0.9)
+    with pytest.raises(ValueError, match="at most one"):
+        DeepSAD(**kw).fit(x, y, semi_targets=y)
+    with pytest.raises(ValueError, match="1 = known anomaly"):
+        DeepSAD(**kw).fit(x, -np.ones(len(x)))
+    with pytest.raises(ValueError, match="not fitted"):
+        DeepSAD().decision_function(x)
