@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flipad_jax._checks import check_finite, check_floating
+from flipad_jax._checks import check_floating
 
 STD_EPS = 0.05  # added to the std before dividing (reference ``EPS_std``)
 LOG_EPS = 1e-10

@@ -1,7 +1,5 @@
 """Checkpoint module: round trip, atomic replace, refusals."""
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
