@@ -85,7 +85,7 @@ class Head:
         self.meta = {} if meta is None else meta
 
     @classmethod
-    def load(cls, path, *, dtype=jnp.float32, precision=None) -> "Head":
+    def load(cls, path, *, dtype=jnp.float32, precision="highest") -> "Head":
         """Read and validate the bundle folder ``path`` (see :mod:`flipad_jax.bundle`).
 
         Args:

@@ -36,8 +36,9 @@ Stopping rules (``stop=``), each checked after every iteration:
   For λ = 0 (least squares) the scaled dual point is 0 and the gap never closes (and for
   λ ≪ ‖Aᵀr‖∞ it closes only at rounding level), so samples with λ ≤ tol · ‖Aᵀr‖∞ stop on the
   KKT residual instead: ‖∇f(y)‖∞ ≤ tol · ‖Aᵀr‖∞ (‖Aᵀr‖∞ is the λ above which δ = 0 is optimal).
-  Default ``tol``: 1e-4 in float32 (whose gap is only accurate to about 1e-5 relative on the
-  DCGAN layer), 1e-8 in float64.
+  Default ``tol``: 1e-3 in float32, 1e-6 in float64. float32's gap is accurate to about 5e-5
+  relative on the DCGAN layer on CPU, and GPUs run float32 convolutions in TF32 by default
+  (``precision=None``), whose rounding (about 1e-3 relative) bounds what can be certified.
 * ``"change"``: a sample stops when mean |δ⁺ − δ| ≤ tol (no certificate inside the loop).
 * ``"reference"``: the reference implementation's rule: the whole batch stops when the max over
   samples of mean |δ⁺ − δ| ≤ tol.
@@ -234,7 +235,7 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] =
       anchor: z̄, ``in_shape`` or ``(B, *in_shape)``; default 0.
       init: ``(B, *in_shape)`` starting z (warm start); default the anchor (paper mode: 2·anchor).
       max_iter: iteration cap (default 10000).
-      tol: tolerance of the stop rule (defaults: "gap" 1e-4 relative in float32, 1e-8 in
+      tol: tolerance of the stop rule (defaults: "gap" 1e-3 relative in float32, 1e-6 in
         float64; "change" and "reference" 1e-5, or 1e-4 for Linear, as in the reference).
       stop: "gap" (default), "change" or "reference".
       step: fixed step size; default 1/(lipschitz_margin · L). Paper mode: 0.025.
@@ -270,7 +271,7 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] =
                          "expected the same floating dtype")
     if tol is None:
         if stop == "gap":
-            tol = 1e-4 if o.dtype == jnp.float32 else 1e-8
+            tol = 1e-3 if o.dtype == jnp.float32 else 1e-6
         else:
             tol = 1e-4 if isinstance(op, Linear) else 1e-5
     in_shape = _sample_shape_of(op, o, anchor, init)

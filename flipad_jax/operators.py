@@ -11,9 +11,16 @@ and sharding. ``op(z)`` is the *linear* map only; the layer's bias is kept apart
 (``op.affine(z)`` adds it). ``op.T(y)`` is the exact adjoint.
 
 Layout. The public arrays are channel-first, batch first, ``(B, C, H, W)``. Internally the
-convolutions run channel-last (NHWC, kernels HWIO): on XLA:CPU that was 18× faster for the DCGAN
-last layer than NCHW, and XLA:GPU picks NHWC for cuDNN as well. The solver converts once per solve
-with ``to_internal``/``from_internal`` and iterates with ``apply``/``adjoint`` on internal arrays.
+convolutions run channel-last (NHWC, ``layout=``): it measured fastest on both backends we have —
+18× faster than NCHW for the DCGAN last layer on XLA:CPU, and on an H100 at batch 1000 the
+forward+adjoint pair took 1.38 ms in NHWC vs 1.66 ms in NCHW (DCGAN) and 2.71 vs 4.00 ms (LSGAN)
+(``benchmarks/conv_layouts.py``). The solver converts once per solve with
+``to_internal``/``from_internal`` and iterates with ``apply``/``adjoint`` on internal arrays.
+
+Precision. The default is ``"highest"``: true float32 convolutions. GPUs otherwise run float32
+convolutions in TF32, whose rounding (about 1e-3 relative) exceeds the accuracy the lasso's
+certificates need at λ = 5e-4; on an H100 "highest" cost 8% more per solver iteration on the
+DCGAN layer and 2× on the LSGAN layer. ``precision=None`` selects the backend's default.
 
 Geometry arithmetic, per spatial dimension (PyTorch's definitions, k the kernel size):
 
@@ -68,32 +75,31 @@ def _check_bias(bias, channels: int, dtype):
     return jnp.asarray(bias, dtype)
 
 
-def _direct_kernel(w_oihw):
-    """PyTorch conv weight (O, I/g, kh, kw) → HWIO kernel of the same convolution."""
-    return jnp.transpose(w_oihw, (2, 3, 1, 0))
+_LAYOUTS = {  # internal layout → (dimension numbers, kernel permutation from OIHW)
+    "NHWC": (("NHWC", "HWIO", "NHWC"), (2, 3, 1, 0)),
+    "NCHW": (("NCHW", "OIHW", "NCHW"), (0, 1, 2, 3)),
+}
 
 
-def _transposed_kernel(w_oihw, groups: int):
-    """HWIO kernel of the adjoint of ``conv2d(·; w_oihw)``: per group swap in/out, flip space."""
+def _check_layout(layout):
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected 'NHWC' or 'NCHW'")
+    return layout
+
+
+def _transposed_oihw(w_oihw, groups: int):
+    """OIHW kernel of the adjoint of ``conv2d(·; w_oihw)``: per group swap in/out, flip space."""
     o, i_g, kh, kw = w_oihw.shape
     w = w_oihw.reshape(groups, o // groups, i_g, kh, kw)
     w = jnp.swapaxes(w, 1, 2).reshape(groups * i_g, o // groups, kh, kw)
-    return jnp.transpose(w[:, :, ::-1, ::-1], (2, 3, 1, 0))
+    return w[:, :, ::-1, ::-1]
 
 
-def _conv_nhwc(x, kernel, *, stride, padding, lhs_dilation, rhs_dilation, groups, precision):
+def _conv(x, kernel, layout, *, stride, padding, lhs_dilation, rhs_dilation, groups, precision):
     return lax.conv_general_dilated(
         x, kernel, window_strides=stride, padding=padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        rhs_dilation=rhs_dilation, dimension_numbers=_LAYOUTS[layout][0],
         feature_group_count=groups, precision=_PRECISIONS[precision])
-
-
-def _nchw_to_nhwc(x):
-    return jnp.moveaxis(x, -3, -1)
-
-
-def _nhwc_to_nchw(x):
-    return jnp.moveaxis(x, -1, -3)
 
 
 class _LinearOperator:
@@ -174,10 +180,10 @@ class Linear(_LinearOperator):
     Args:
       weight: ``(out, in)`` floating array.
       bias: optional ``(out,)``, kept apart from the map (see ``affine``).
-      precision: matmul precision (None, "default", "high", "highest").
+      precision: matmul precision ("highest" by default; "high", "default", or None).
     """
 
-    def __init__(self, weight, bias=None, *, precision=None):
+    def __init__(self, weight, bias=None, *, precision="highest"):
         _check_weight(weight, 2)
         self.weight = jnp.asarray(weight)
         self.bias = _check_bias(bias, self.weight.shape[0], self.weight.dtype)
@@ -226,8 +232,9 @@ class _Conv(_LinearOperator):
     transposed: bool
 
     def __init__(self, weight, bias=None, *, stride=1, padding=0, output_padding=0, dilation=1,
-                 groups=1, in_size=None, precision=None):
+                 groups=1, in_size=None, precision="highest", layout="NHWC"):
         _check_weight(weight, 4)
+        self.layout = _check_layout(layout)
         weight = jnp.asarray(weight)
         self.stride = as_pair("stride", stride, minimum=1)
         self.padding = as_pair("padding", padding, minimum=0)
@@ -255,18 +262,12 @@ class _Conv(_LinearOperator):
             if self.output_padding != (0, 0):
                 raise ValueError(f"output_padding={output_padding!r}: Conv2d has none; expected 0")
         self.kernel_size = tuple(weight.shape[2:])
-        self._w_direct = _direct_kernel(weight)
-        self._w_transposed = _transposed_kernel(weight, self.groups)
+        self.weight = weight
         self.bias = _check_bias(bias, self.out_channels, weight.dtype)
         if self.in_size is not None:
             self.out_shape_for(self.in_shape)  # validates that the geometry yields an output
 
     # -- shapes ---------------------------------------------------------------------------------
-    @property
-    def weight(self):
-        """The weight in PyTorch layout."""
-        return jnp.transpose(self._w_direct, (3, 2, 0, 1))
-
     @property
     def in_shape(self):
         if self.in_size is None:
@@ -324,19 +325,29 @@ class _Conv(_LinearOperator):
             size.append(n_in)
         return (self.in_channels,) + tuple(size)
 
-    # -- internal maps (NHWC) -------------------------------------------------------------------
+    # -- internal maps (in ``self.layout``) ------------------------------------------------------
     def to_internal(self, x):
-        return _nchw_to_nhwc(x)
+        return jnp.moveaxis(x, -3, -1) if self.layout == "NHWC" else x
 
     def from_internal(self, x):
-        return _nhwc_to_nchw(x)
+        return jnp.moveaxis(x, -1, -3) if self.layout == "NHWC" else x
+
+    def _spatial(self, x):
+        """(H, W) of an internal-layout batch."""
+        return x.shape[1:3] if self.layout == "NHWC" else x.shape[2:4]
 
     out_to_internal = to_internal
     out_from_internal = from_internal
 
+    # The kernels are derived from the PyTorch-layout weight inside the traced computation, not
+    # stored pre-flipped: XLA:GPU recognises an input-dilated convolution of a *reversed* kernel
+    # as cuDNN's backward-data convolution, and falls back to a dense convolution over the
+    # inserted zeros otherwise (3.7 vs 1.6 ms for the DCGAN pair at batch 1000 on an H100,
+    # benchmarks/conv_variants.py). Inside the solver loop the transform is loop-invariant.
     def _direct(self, x):
         """conv2d(x; W) with the stored weight, stride, padding, dilation and groups."""
-        return _conv_nhwc(x, self._w_direct, stride=self.stride,
+        kernel = jnp.transpose(self.weight, _LAYOUTS[self.layout][1])
+        return _conv(x, kernel, self.layout, stride=self.stride,
                           padding=[(p, p) for p in self.padding], lhs_dilation=(1, 1),
                           rhs_dilation=self.dilation, groups=self.groups,
                           precision=self.precision)
@@ -345,23 +356,25 @@ class _Conv(_LinearOperator):
         """conv_transpose2d(x; W) with ``extra`` rows/cols appended (PyTorch's output_padding)."""
         pad = [(d * (k - 1) - p, d * (k - 1) - p + e) for k, p, d, e in
                zip(self.kernel_size, self.padding, self.dilation, extra)]
-        return _conv_nhwc(x, self._w_transposed, stride=(1, 1), padding=pad,
+        kernel = jnp.transpose(_transposed_oihw(self.weight, self.groups),
+                               _LAYOUTS[self.layout][1])
+        return _conv(x, kernel, self.layout, stride=(1, 1), padding=pad,
                           lhs_dilation=self.stride, rhs_dilation=self.dilation,
                           groups=self.groups, precision=self.precision)
 
     def _children(self):
-        return (self._w_direct, self._w_transposed, self.bias)
+        return (self.weight, self.bias)
 
     def _static(self):
         return (self.stride, self.padding, self.output_padding, self.dilation, self.groups,
                 self.in_size, self.precision, self.in_channels, self.out_channels,
-                self.kernel_size)
+                self.kernel_size, self.layout)
 
     def _restore(self, static, children):
-        self._w_direct, self._w_transposed, self.bias = children
+        self.weight, self.bias = children
         (self.stride, self.padding, self.output_padding, self.dilation, self.groups,
          self.in_size, self.precision, self.in_channels, self.out_channels,
-         self.kernel_size) = static
+         self.kernel_size, self.layout) = static
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.in_channels}→{self.out_channels}, "
@@ -380,25 +393,26 @@ class Conv2d(_Conv):
         both channel counts.
       in_size: ``(H, W)`` of the input; needed for ``in_shape``, ``lipschitz`` and for the
         adjoint of a strided conv (several input sizes share one output size).
-      precision: convolution precision (None = backend default; "highest" pins float32 on GPUs,
-        which otherwise use TF32).
+      precision: convolution precision: "highest" (default, true float32), "high", "default",
+        or None for the backend's default (TF32 on recent NVIDIA GPUs).
+      layout: internal layout, "NHWC" (default, see the module docstring) or "NCHW".
     """
 
     transposed = False
 
     def __init__(self, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
-                 in_size=None, precision=None):
+                 in_size=None, precision="highest", layout="NHWC"):
         super().__init__(weight, bias, stride=stride, padding=padding, dilation=dilation,
-                         groups=groups, in_size=in_size, precision=precision)
+                         groups=groups, in_size=in_size, precision=precision, layout=layout)
 
     def apply(self, z):
         return self._direct(z)
 
     def adjoint(self, y, in_shape):
         # Rows of the input that no output reads (floor in the size formula) come back as zeros.
-        extra = [in_shape[1 + i] - ((y.shape[1 + i] - 1) * self.stride[i] - 2 * self.padding[i]
+        extra = [in_shape[1 + i] - ((n - 1) * self.stride[i] - 2 * self.padding[i]
                                     + self.dilation[i] * (self.kernel_size[i] - 1) + 1)
-                 for i in range(2)]
+                 for i, n in enumerate(self._spatial(y))]
         return self._transposed(y, extra)
 
 
@@ -420,7 +434,9 @@ class ConvTranspose2d(_Conv):
         # With output_padding ≥ stride (possible when dilation > stride) the conv yields more
         # rows than the input has; the extra ones are not part of the adjoint.
         x = self._direct(y)
-        return x[:, :in_shape[1], :in_shape[2], :]
+        if self.layout == "NHWC":
+            return x[:, :in_shape[1], :in_shape[2], :]
+        return x[:, :, :in_shape[1], :in_shape[2]]
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3))

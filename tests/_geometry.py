@@ -41,7 +41,7 @@ def build(fj, g, weight, transposed: bool, bias=None):
                  g["output_padding"])]
     assume(not transposed or min(h_out) >= 1)
     kwargs = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"],
-                  groups=g["groups"], in_size=g["size"])
+                  groups=g["groups"], in_size=g["size"], layout=g.get("layout", "auto"))
     if transposed:
         return fj.ConvTranspose2d(weight, bias, output_padding=g["output_padding"], **kwargs)
     return fj.Conv2d(weight, bias, **kwargs)

@@ -32,6 +32,7 @@ def _dense(op):
 @given(data=st.data())
 def test_adjoint_dot_product_and_linear_transpose(x64, transposed, data):
     g = data.draw(conv_geometry(transposed))
+    g["layout"] = data.draw(st.sampled_from(["NHWC", "NCHW"]))
     op, rng = _random_op(g, transposed, data.draw(st.integers(0, 2**31)))
     z = jnp.asarray(rng.normal(size=(g["batch"],) + op.in_shape))
     y = jnp.asarray(rng.normal(size=(g["batch"],) + op.out_shape))

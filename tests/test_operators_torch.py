@@ -19,6 +19,7 @@ pytestmark = pytest.mark.torch
 @given(data=st.data())
 def test_forward_equals_torch(x64, transposed, data):
     g = data.draw(conv_geometry(transposed))
+    g["layout"] = data.draw(st.sampled_from(["NHWC", "NCHW"]))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
     w = rng.normal(size=weight_shape(g, transposed))
     b = rng.normal(size=g["cout"])
