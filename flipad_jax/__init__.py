@@ -8,4 +8,5 @@ from flipad_jax import metrics
 
 __version__ = "0.1.0"
 
-__all__ = ["Conv2d", "ConvTranspose2d", "Linear", "LassoResult", "solve_lasso", "__version__"]
+__all__ = ["Conv2d", "ConvTranspose2d", "Linear", "LassoResult", "solve_lasso", "Head", "Detector",
+           "metrics", "__version__"]
