@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 import flipad_jax
 from flipad_jax.activations import get_activation
-from flipad_jax.bundle import Bundle, atomic_dir, build_operator, write_bundle_files
+from flipad_jax._files import atomic_dir
+from flipad_jax.bundle import Bundle, build_operator, write_bundle_files
 from flipad_jax.head import Head
 from converters.loading import load_generator
 from converters.runner import LATENT_SCHEME, Prepared, latents, prepare

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import flipad_jax
 from flipad_jax.activations import get_activation
-from flipad_jax.bundle import atomic_dir
+from flipad_jax._files import atomic_dir
 from converters.loading import load_generator
 from converters.runner import LATENT_SCHEME, latents, prepare
 

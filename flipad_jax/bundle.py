@@ -31,18 +31,15 @@ field. Nothing here imports torch: the converter writes bundles through this mod
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from flipad_jax._files import atomic_dir
 from flipad_jax.activations import ACTIVATIONS
 from flipad_jax.operators import Conv2d, ConvTranspose2d, Linear
 
@@ -237,33 +234,6 @@ def validate_bundle(bundle: Bundle) -> None:
 
 
 # -- files --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a folder in a temporary sibling and move it to ``path`` only if the block succeeds.
-
-    On an exception the temporary folder is removed and ``path`` is left as it was. An existing
-    ``path`` is an error unless ``overwrite``; then it is replaced (renamed aside, then deleted).
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ValueError(f"out={str(path)!r} already exists: expected a new path "
-                         "(or pass overwrite=True / --overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def write_bundle_files(folder, bundle: Bundle) -> None:
     """Validate ``bundle`` and write its two files into an existing (temporary) ``folder``."""
     validate_bundle(bundle)

@@ -15,14 +15,13 @@ do not match what the caller expects fails instead of loading silently. Nothing 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from flipad_jax._files import atomic_dir
 
 META_FILE = "meta.json"
 ARRAYS_DIR = "arrays"
@@ -41,30 +40,13 @@ def save(path, arrays, meta: dict, *, overwrite: bool = False) -> Path:
       the absolute path written.
     """
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise ValueError(f"path={str(path)!r} exists: expected a new path, or overwrite=True")
     meta_text = json.dumps(meta, indent=2, sort_keys=True)  # fail before writing anything
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-    try:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / ARRAYS_DIR, jax.tree_util.tree_map(np.asarray, arrays))
         checkpointer.wait_until_finished()
         checkpointer.close()
         (tmp / META_FILE).write_text(meta_text)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

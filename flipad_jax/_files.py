@@ -1,0 +1,40 @@
+"""Atomic folder writes: a folder appears complete at its final path, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it to ``path`` only if the block succeeds.
+
+    On an exception the temporary folder is removed and ``path`` is left as it was. An existing
+    ``path`` is an error unless ``overwrite``; then it is replaced (renamed aside, then deleted).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ValueError(f"out={str(path)!r} already exists: expected a new path "
+                         "(or pass overwrite=True / --overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
