@@ -272,3 +272,18 @@ def test_bad_input_is_rejected_with_a_clear_message(change, match):
     o, lam = args.pop("o"), args.pop("lam")
     with pytest.raises(ValueError, match=match):
         fj.solve_lasso(op, o, lam, **args)
+
+
+def test_loose_tolerance_never_stops_on_an_uncertified_point(x64):
+    """A loose tol must still mean a certified gap (λ is not treated as zero because of tol)."""
+    rng = np.random.default_rng(10)
+    op = _small_dcgan_layer(rng)
+    o = rng.normal(size=(3,) + op.out_shape) * 3
+    lam = 1e-3
+    assert lam < 0.1 * float(np.abs(np.asarray(op.T(o))).max())
+    res = fj.solve_lasso(op, o, lam, tol=0.1)
+    assert bool(jnp.all(res.converged))
+    assert np.all(np.asarray(res.gap) <= 0.1 * np.asarray(res.objective) * (1 + 1e-9))
+    optimum = fj.solve_lasso(op, o, lam, tol=1e-12, max_iter=100000)
+    assert np.all(np.asarray(res.objective - optimum.objective)
+                  <= 0.1 * np.asarray(res.objective) + 1e-12)
