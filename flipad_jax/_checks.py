@@ -34,9 +34,3 @@ def check_finite(name: str, x) -> None:
     if not bool(jnp.all(finite)):
         count = int(jnp.size(finite) - jnp.sum(finite))
         raise ValueError(f"{name} holds {count} NaN/inf value(s): expected finite values")
-
-
-def check_shape(name: str, x, expected: tuple, what: str) -> None:
-    if tuple(np.shape(x)) != tuple(expected):
-        raise ValueError(f"{name} has shape {tuple(np.shape(x))}: expected {tuple(expected)} "
-                         f"({what})")

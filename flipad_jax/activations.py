@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DEFAULT_CLIP = 1e-4
 
@@ -57,7 +58,8 @@ def get_activation(name: str) -> Activation:
 
 def check_clip(clip: float) -> float:
     """``clip`` must leave a non-empty interval inside every bounded range: 0 < clip < 0.5."""
-    if not (isinstance(clip, (int, float)) and 0 < clip < 0.5):
+    if not (np.ndim(clip) == 0 and np.issubdtype(np.asarray(clip).dtype, np.number)
+            and 0 < float(clip) < 0.5):
         raise ValueError(f"clip={clip!r}: expected a number with 0 < clip < 0.5")
     return float(clip)
 

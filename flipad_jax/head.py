@@ -142,6 +142,12 @@ class Head:
         """
         x = jnp.asarray(x)
         if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+            if x_range is None:
+                # Pixels read as if already in the output range would be clipped to ±1 almost
+                # everywhere; the scale must be stated.
+                raise ValueError(f"x has dtype {x.dtype}: integer pixels need their scale, e.g. "
+                                 "x_range=(0, 255); or pass floats in the head's output range "
+                                 f"{self.output_range}")
             x = x.astype(self.op.dtype)
         x = self.op._check_batch("x", x, self.out_shape, "images of the head's output shape")
         check_finite("x", x)

@@ -47,7 +47,8 @@ Stopping rules (``stop=``), each checked after every iteration:
   samples of mean |δ⁺ − δ| ≤ tol.
 
 Samples that stop are frozen (their state no longer changes) while the others go on; ``max_iter``
-bounds the loop. ``mode="paper"`` reproduces the reference solver: fixed step 0.025, no restart,
+bounds the loop. ``mode="paper"`` reproduces the reference solver: fixed step 0.025 (0.001 for
+:class:`~flipad_jax.Linear`, its tabular setting), no restart,
 the ``"reference"`` stop rule with tol 1e-5 (1e-4 for :class:`~flipad_jax.Linear`), 10000
 iterations, and the reference's start δ₀ = z̄ (z₀ = 2z̄). Any of these can still be overridden.
 """
@@ -66,7 +67,6 @@ from flipad_jax._checks import check_finite, check_floating
 from flipad_jax.operators import Linear, lipschitz_constant
 
 CONVERGED, MAX_ITER, NONFINITE = 0, 1, 2
-STATUS_NAMES = {CONVERGED: "converged", MAX_ITER: "max_iter", NONFINITE: "nonfinite"}
 _STOP_RULES = ("gap", "change", "reference")
 
 
@@ -208,6 +208,16 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, in_shape, restart, stop):
     return solution, final.iterations, objective, gap, kkt, final.status
 
 
+def _positive_number(name, value, *, allow_zero=False) -> float:
+    """A finite real scalar (Python, NumPy or JAX) > 0 (≥ 0 with ``allow_zero``), as a float."""
+    ok = np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number)
+    number = float(value) if ok else float("nan")
+    if not (np.isfinite(number) and (number > 0 or (allow_zero and number == 0))):
+        raise ValueError(f"{name}={value!r}: expected a finite number "
+                         f"{'>= 0' if allow_zero else '> 0'}")
+    return number
+
+
 def _sample_shape_of(op, o, anchor, init):
     """The per-sample input shape: from the operator, else the anchor or init, else o."""
     try:
@@ -242,7 +252,8 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] =
       tol: tolerance of the stop rule (defaults: "gap" 1e-3 relative in float32, 1e-6 in
         float64; "change" and "reference" 1e-5, or 1e-4 for Linear, as in the reference).
       stop: "gap" (default), "change" or "reference".
-      step: fixed step size; default 1/(lipschitz_margin · L). Paper mode: 0.025.
+      step: fixed step size; default 1/(lipschitz_margin · L). Paper mode: 0.025 (Linear:
+        0.001).
       restart: adaptive restart (default True; paper mode False).
       lipschitz: L = ‖A‖² if known (e.g. from a previous result or the head bundle).
       lipschitz_margin: factor on L, since Lanczos approaches ‖A‖² from below.
@@ -268,8 +279,8 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] =
 
     check_floating("o", o)
     o = jnp.asarray(o)
-    if tol is not None and not (np.isscalar(tol) and np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol={tol!r}: expected a finite number >= 0")
+    if tol is not None:
+        tol = _positive_number("tol", tol, allow_zero=True)
     if o.dtype != op.dtype:
         raise ValueError(f"o has dtype {o.dtype} but the operator's weight is {op.dtype}: "
                          "expected the same floating dtype")
@@ -319,15 +330,13 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] =
 
     if step is None:
         if paper:
-            step = 0.025
+            step = 0.001 if isinstance(op, Linear) else 0.025
         else:
             if lipschitz is None:
                 lipschitz = lipschitz_constant(op, in_shape)
-            if not (np.isfinite(lipschitz) and lipschitz > 0):
-                raise ValueError(f"lipschitz={lipschitz!r}: expected a finite number > 0")
+            lipschitz = _positive_number("lipschitz", lipschitz)
             step = 1.0 / (lipschitz_margin * lipschitz)
-    if not (np.isscalar(step) and np.isfinite(step) and step > 0):
-        raise ValueError(f"step={step!r}: expected a finite number > 0")
+    step = _positive_number("step", step)
 
     r = op.out_to_internal(o - op.affine(anchor))
     delta, iterations, objective, gap, kkt, status = _fista(

@@ -149,6 +149,7 @@ def _torch_reference_fista(torch, w, o_shift, delta0, lr, alpha, iterations, str
     return iterates
 
 
+@pytest.mark.torch
 def test_paper_mode_reproduces_reference_fista_iterate_for_iterate(x64):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(4)
@@ -287,3 +288,17 @@ def test_loose_tolerance_never_stops_on_an_uncertified_point(x64):
     optimum = fj.solve_lasso(op, o, lam, tol=1e-12, max_iter=100000)
     assert np.all(np.asarray(res.objective - optimum.objective)
                   <= 0.1 * np.asarray(res.objective) + 1e-12)
+
+
+def test_numpy_and_jax_scalars_are_accepted_and_paper_mode_linear_step(x64):
+    rng = np.random.default_rng(11)
+    op = fj.Linear(rng.normal(size=(5, 8)))
+    o = rng.normal(size=(2, 5))
+    plain = fj.solve_lasso(op, o, 0.1, tol=1e-9, lipschitz=op.lipschitz())
+    scalars = fj.solve_lasso(op, o, np.float64(0.1), tol=jnp.asarray(1e-9),
+                             lipschitz=np.float32(plain.lipschitz))
+    np.testing.assert_allclose(scalars.z, plain.z, atol=1e-6)
+    with pytest.raises(ValueError, match="lipschitz="):
+        fj.solve_lasso(op, o, 0.1, lipschitz=np.array([1.0, 2.0]))
+    # The reference's tabular (Linear) runs use lr 0.001, its conv runs 0.025.
+    assert fj.solve_lasso(op, o, 0.1, mode="paper", max_iter=2).step == 0.001
