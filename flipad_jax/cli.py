@@ -6,13 +6,15 @@ Subcommands:
 * ``flipad sample``: N samples of a PyTorch generator as PNGs or ``.npy`` (needs torch).
 * ``flipad invert``: FLIPAD features of images with a head bundle (pure JAX), saved as ``.npy``.
 
-Torch is imported only when a subcommand that needs it runs, so ``flipad --help`` and
-``flipad invert`` work without it.
+``convert`` and ``sample`` come from ``converters`` through the ``flipad.subcommands`` entry
+points; torch is imported only when one of them runs, so ``flipad --help`` and ``flipad invert``
+work without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 INVERT_EXAMPLES = """\
@@ -46,54 +48,57 @@ def _add_invert_parser(subparsers):
 
 def _run_invert(args) -> int:
     import json
-    import os
+    import tempfile
+    from pathlib import Path
 
     import numpy as np
-    from tqdm import tqdm
 
+    from flipad_jax.features import invert_in_batches
     from flipad_jax.head import Head
     from flipad_jax.images import load_images
 
+    out = Path(args.out if args.out.endswith(".npy") else args.out + ".npy")
     try:
         head = Head.load(args.bundle)
         images = load_images(args.images, head.output_range)
+        if images.shape[1:] != tuple(head.out_shape):
+            raise ValueError(f"{args.images}: images of shape {images.shape[1:]}, expected "
+                             f"{tuple(head.out_shape)} (the head's output)")
+        res = invert_in_batches(head, images, lam=args.lam, batch_size=args.batch_size,
+                                progress=not args.quiet, mode=args.mode,
+                                max_iter=args.max_iter, tol=args.tol)
     except (ValueError, OSError) as error:
         print(f"flipad invert: {error}", file=sys.stderr)
         return 1
-    if args.batch_size < 1:
-        print(f"flipad invert: --batch-size {args.batch_size}: expected >= 1", file=sys.stderr)
-        return 1
-    feats, diagnostics = [], []
-    starts = range(0, len(images), args.batch_size)
-    for start in tqdm(starts, disable=args.quiet, desc="inverting", unit="batch"):
-        res = head.invert(images[start:start + args.batch_size], lam=args.lam, mode=args.mode,
-                          max_iter=args.max_iter, tol=args.tol)
-        feats.append(np.asarray(res.z))
-        for i in range(len(res.z)):
-            diagnostics.append(dict(index=start + i, iterations=int(res.iterations[i]),
-                                    objective=float(res.objective[i]), gap=float(res.gap[i]),
-                                    status=int(res.status[i]), clipped=int(res.clipped[i])))
-    out = args.out if args.out.endswith(".npy") else args.out + ".npy"
-    tmp = out + ".tmp.npy"
-    np.save(tmp, np.concatenate(feats))
-    with open(tmp + ".json", "w") as fh:
-        json.dump(dict(lam=args.lam, mode=args.mode, samples=diagnostics), fh)
-    os.replace(tmp + ".json", out[:-4] + ".json")
-    os.replace(tmp, out)
-    not_converged = sum(d["status"] != 0 for d in diagnostics)
-    print(f"wrote {out} ({len(diagnostics)} samples, {not_converged} not converged)")
+    samples = [dict(index=i, iterations=int(res["iterations"][i]),
+                    objective=float(res["objective"][i]), gap=float(res["gap"][i]),
+                    status=int(res["status"][i]), clipped=int(res["clipped"][i]))
+               for i in range(len(images))]
+    # Each file is written whole in a temporary folder beside it, then moved into place.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        np.save(Path(tmp) / out.name, res["z"])
+        (Path(tmp) / out.with_suffix(".json").name).write_text(
+            json.dumps(dict(lam=args.lam, mode=args.mode, samples=samples)))
+        os.replace(Path(tmp) / out.with_suffix(".json").name, out.with_suffix(".json"))
+        os.replace(Path(tmp) / out.name, out)
+    not_converged = sum(d["status"] != 0 for d in samples)
+    print(f"wrote {out} ({len(samples)} samples, {not_converged} not converged)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from converters.cli import add_convert_parser, add_sample_parser
+    """The parser, with subcommands that other packages register under the entry-point group
+    ``flipad.subcommands`` (``converters`` adds convert and sample): flipad_jax never imports
+    the torch side by name."""
+    from importlib.metadata import entry_points
 
     parser = argparse.ArgumentParser(
         prog="flipad", description="Single-model attribution of generative models by "
                                    "final-layer inversion (FLIPAD), in JAX.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    add_convert_parser(subparsers)
-    add_sample_parser(subparsers)
+    for entry in sorted(entry_points(group="flipad.subcommands"), key=lambda e: e.name):
+        entry.load()(subparsers)
     _add_invert_parser(subparsers)
     return parser
 

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from flipad_jax._checks import check_floating
 
@@ -98,8 +99,36 @@ def max_pool_to(z, size: Optional[int] = 32):
     return z.reshape(b, c, size, k, size, k).max(axis=(3, 5))
 
 
+def invert_in_batches(head, images, *, lam: float = 5e-4, batch_size: int = 1000,
+                      progress: bool = False, **solver_kwargs) -> dict:
+    """``head.invert`` over a data set in batches, on the host between batches.
+
+    Bounds device memory (the solver keeps several arrays of the activations' size per batch)
+    and keeps the reference's batch-wide stop rule per batch of 1000 in paper mode.
+
+    Args:
+      head: a :class:`~flipad_jax.Head`; images: ``(N, *head.out_shape)``.
+      lam: λ; batch_size: images per solve; progress: show a progress bar.
+      **solver_kwargs: passed to ``head.invert`` (x_range, clip, max_iter, tol, mode, ...).
+
+    Returns:
+      dict of NumPy arrays: ``z`` ``(N, *head.in_shape)`` and per-image ``iterations``,
+      ``objective``, ``gap``, ``status`` and ``clipped``.
+    """
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+    keys = ("z", "iterations", "objective", "gap", "status", "clipped")
+    parts = {k: [] for k in keys}
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, disable=not progress, desc="inverting", unit="batch"):
+        res = head.invert(images[start:start + batch_size], lam, **solver_kwargs)
+        for k in keys:
+            parts[k].append(np.asarray(getattr(res, k)))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
 def flipad_features(head, images, *, lam: float = 5e-4, pool_to: Optional[int] = 32,
-                    **solver_kwargs):
+                    batch_size: int = 1000, progress: bool = False, **solver_kwargs):
     """FLIPAD features before standardisation: ``max_pool_to(head.invert(images).z)``.
 
     Args:
@@ -107,19 +136,20 @@ def flipad_features(head, images, *, lam: float = 5e-4, pool_to: Optional[int] =
       images: ``(B, *head.out_shape)`` images in the head's output range (or pass ``x_range``).
       lam: λ of the lasso (paper: 5e-4 small GANs).
       pool_to: spatial size the activations are max-pooled down to (None: no pooling).
+      batch_size, progress: as in :func:`invert_in_batches`.
       **solver_kwargs: passed to ``head.invert`` (x_range, clip, max_iter, tol, mode, ...).
 
     Returns:
       ``(B, C', h, w)`` float32 (``(B, D)`` for a linear head).
     """
-    res = head.invert(images, lam, **solver_kwargs)
-    z = res.z
-    bad = np.asarray(res.status) == 2
+    res = invert_in_batches(head, images, lam=lam, batch_size=batch_size, progress=progress,
+                            **solver_kwargs)
+    bad = res["status"] == 2
     if bad.any():
         raise ValueError(f"images: the inversion of {int(bad.sum())} image(s) (indices "
                          f"{np.flatnonzero(bad)[:10].tolist()}) went non-finite: expected finite "
                          "activations")
-    return max_pool_to(z, pool_to)
+    return max_pool_to(jnp.asarray(res["z"]), pool_to)
 
 
 class Standardizer(NamedTuple):
@@ -178,6 +208,7 @@ class FeatureConfig:
       crop: DCTPAD centre crop (None: whole image).
       invert_kwargs: extra keyword arguments for ``head.invert`` (solver settings, x_range,
         clip), JSON-able values only.
+      invert_batch_size: images per lasso solve (the reference's 1000).
     """
 
     kind: str = "flipad"
@@ -186,6 +217,7 @@ class FeatureConfig:
     size: Optional[int] = 32
     crop: Optional[int] = 32
     invert_kwargs: dict = field(default_factory=dict)
+    invert_batch_size: int = 1000
 
     def __post_init__(self):
         if self.kind not in FEATURE_KINDS:
@@ -197,7 +229,7 @@ class FeatureConfig:
             if head is None:
                 raise ValueError("head=None: FLIPAD features need the generator's Head")
             return flipad_features(head, images, lam=self.lam, pool_to=self.pool_to,
-                                   **self.invert_kwargs)
+                                   batch_size=self.invert_batch_size, **self.invert_kwargs)
         if self.kind == "raw":
             return raw_features(images, self.size)
         return dct_features(images, self.crop)

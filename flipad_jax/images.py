@@ -25,8 +25,11 @@ def _read_png_folder(folder: Path) -> np.ndarray:
         try:
             with Image.open(path) as img:
                 img.load()
+                if img.mode not in ("L", "RGB"):
+                    raise ValueError(f"{path}: image mode {img.mode!r}, expected 'L' (grey) or "
+                                     "'RGB' 8-bit pixels")
                 arr = np.asarray(img)
-        except (OSError, ValueError) as error:
+        except OSError as error:
             raise ValueError(f"{path}: unreadable or truncated image ({error})") from None
         arr = arr[:, :, None] if arr.ndim == 2 else arr
         if first is None:

@@ -35,8 +35,20 @@ def test_convert_sample_invert(tmp_path):
     diagnostics = json.loads(out.with_suffix(".json").read_text())["samples"]
     assert [d["index"] for d in diagnostics] == list(range(5))
     assert all(d["status"] == 0 for d in diagnostics)
-    # The features reproduce the sampled PNGs through the generator's last layer.
+    # Images of another size are refused with both shapes named, and nothing is written.
+    np.save(tmp_path / "small.npy", np.zeros((2,) + head.out_shape[:1] + (8, 8), np.float32))
+    assert main(["invert", str(tmp_path / "bundle"), str(tmp_path / "small.npy"), "--out",
+                 str(tmp_path / "bad.npy"), "--quiet"]) == 1
+    assert not (tmp_path / "bad.npy").exists()
+    # Batching does not change the solutions (every sample stops on its own).
+    from flipad_jax.features import invert_in_batches
     images = load_images(tmp_path / "pngs", head.output_range)
+    one = invert_in_batches(head, images, batch_size=5)
+    three = invert_in_batches(head, images, batch_size=2)
+    np.testing.assert_allclose(one["z"], three["z"], atol=1e-6)
+    with pytest.raises(ValueError, match="integer pixels need their scale"):
+        head.target(np.zeros((1,) + head.out_shape, np.uint8))
+    # The features reproduce the sampled PNGs through the generator's last layer.
     recon = np.asarray(head.forward(feats))
     assert np.abs(recon - images).mean() < 0.02
 
@@ -58,6 +70,9 @@ def test_invert_refuses_bad_images_naming_the_file(tmp_path, capsys):
     np.save(tmp_path / "nan.npy", np.full((1, 3, 8, 8), np.nan, np.float32))
     with pytest.raises(ValueError, match="NaN/inf"):
         load_images(tmp_path / "nan.npy")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).convert("P").save(folder / "b.png")
+    with pytest.raises(ValueError, match=r"b\.png: image mode 'P'"):
+        load_images(folder)
     assert main(["invert", str(tmp_path / "missing_bundle"), str(folder), "--out",
                  str(tmp_path / "f.npy")]) == 1
     assert "missing_bundle" in capsys.readouterr().err
