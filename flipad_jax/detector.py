@@ -282,6 +282,12 @@ class Detector:
             raise ValueError(f"{path}: format_version {meta.get('format_version')!r} (written by "
                              f"flipad-jax {meta.get('versions', {}).get('flipad-jax')}), expected "
                              f"{FORMAT_VERSION}; re-fit or load it with that version")
+        required = ("head", "config", "features", "network", "feature_shape", "input_shape",
+                    "channels", "losses", "thresholds", "rep_dim")
+        missing = [key for key in required if key not in meta]
+        if missing:
+            raise ValueError(f"{path}: metadata lacks the field(s) {', '.join(missing)}: expected "
+                             "a complete detector checkpoint written by Detector.save")
         saved_head = meta["head"]
         if head is not None:
             if saved_head is None:

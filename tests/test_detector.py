@@ -167,3 +167,15 @@ def test_scoring_is_sharded_over_devices(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_load_names_missing_metadata_fields(tmp_path):
+    import json
+    import flipad_jax as fj
+    from flipad_jax.detector import FORMAT, FORMAT_VERSION
+    folder = tmp_path / "det"
+    folder.mkdir()
+    (folder / "meta.json").write_text(json.dumps({"format": FORMAT,
+                                                  "format_version": FORMAT_VERSION}))
+    with pytest.raises(ValueError, match="lacks the field"):
+        fj.Detector.load(folder)
