@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import flipad_jax
-from flipad_jax.activations import get_activation
+from flipad_jax.activations import get_activation, resolve_output_range
 from flipad_jax._files import atomic_dir
 from flipad_jax.bundle import Bundle, build_operator, write_bundle_files
 from flipad_jax.head import Head
@@ -175,16 +175,8 @@ def convert(model, out, *, arch: Optional[str] = None, arch_options: Optional[di
 
 
 def _output_range(activation: str, output_range, source) -> Optional[tuple]:
-    natural = get_activation(activation).range
-    if output_range is not None:
-        output_range = tuple(float(v) for v in output_range)
-        if len(output_range) != 2 or not output_range[0] < output_range[1]:
-            raise ValueError(f"output_range={output_range!r}: expected (low, high), low < high")
-        if natural is not None and output_range != natural:
-            raise ValueError(f"output_range={output_range}: a {activation} head's images lie in "
-                             f"{natural}")
-        return output_range
-    if natural is not None:
-        return natural
+    resolved = resolve_output_range(get_activation(activation), output_range)
+    if resolved is not None:
+        return resolved
     default = getattr(source.model, "output_range", None)
     return None if default is None else tuple(float(v) for v in default)

@@ -83,3 +83,18 @@ def clipped_inverse(activation: Activation, x, clip: float = DEFAULT_CLIP):
     moved = (x < lo) | (x > hi)
     clipped = jnp.sum(moved.reshape(moved.shape[0], -1), axis=1, dtype=jnp.int32)
     return activation.inverse(jnp.clip(x, lo, hi)), clipped
+
+
+def resolve_output_range(activation: Activation, output_range) -> Optional[tuple]:
+    """(low, high) of a head's images: σ's own range, or a validated ``output_range`` (which a
+    bounded σ must agree with; identity heads take any). None: unbounded (identity, no range)."""
+    natural = activation.range
+    if output_range is None:
+        return natural
+    output_range = tuple(float(v) for v in output_range)
+    if len(output_range) != 2 or not output_range[0] < output_range[1]:
+        raise ValueError(f"output_range={output_range!r}: expected (low, high), low < high")
+    if natural is not None and output_range != natural:
+        raise ValueError(f"output_range={output_range!r}: expected {natural} for a "
+                         f"{activation.name} head")
+    return output_range

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flipad_jax._checks import check_finite
-from flipad_jax.activations import DEFAULT_CLIP, check_clip, clipped_inverse, get_activation
+from flipad_jax.activations import (DEFAULT_CLIP, check_clip, clipped_inverse, get_activation,
+                                    resolve_output_range)
 from flipad_jax.bundle import build_operator, read_bundle
 from flipad_jax.lasso import LassoResult, solve_lasso
 
@@ -70,17 +71,7 @@ class Head:
                              f"{tuple(op.in_shape)}")
         check_finite("zbar", zbar)
         self.zbar = zbar
-        natural = self.activation.range
-        if output_range is None:
-            output_range = natural
-        else:
-            output_range = tuple(float(v) for v in output_range)
-            if len(output_range) != 2 or not output_range[0] < output_range[1]:
-                raise ValueError(f"output_range={output_range!r}: expected (low, high), low < high")
-            if natural is not None and output_range != natural:
-                raise ValueError(f"output_range={output_range!r}: expected {natural} for a "
-                                 f"{self.activation.name} head")
-        self.output_range = output_range
+        self.output_range = resolve_output_range(self.activation, output_range)
         self.lipschitz = lipschitz
         self.meta = {} if meta is None else meta
 
