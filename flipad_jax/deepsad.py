@@ -90,9 +90,10 @@ def push_from_zero(center, eps: float = 0.1):
 
 def lr_schedule(lr: float, steps_per_epoch: int, milestones: Sequence[int] = (25, 50, 100),
                 gamma: float = 0.1):
-    """Piecewise-constant schedule over optimiser steps: ×gamma from each milestone epoch on."""
+    """Piecewise-constant schedule over optimiser steps: ×gamma from each milestone epoch on (a
+    milestone listed twice applies gamma twice, as torch's MultiStepLR does)."""
     boundaries = {}
-    for m in sorted(set(int(m) for m in milestones)):
+    for m in sorted(int(m) for m in milestones):
         step = m * steps_per_epoch
         boundaries[step] = boundaries.get(step, 1.0) * gamma
     return optax.piecewise_constant_schedule(lr, boundaries)

@@ -133,3 +133,16 @@ def test_pyod_form_fit_x_y():
         DeepSAD(**kw).fit(x, -np.ones(len(x)))
     with pytest.raises(ValueError, match="not fitted"):
         DeepSAD().decision_function(x)
+
+
+def test_repeated_milestone_applies_gamma_twice_like_torch():
+    torch = pytest.importorskip("torch")
+    from flipad_jax.deepsad import lr_schedule
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 1, 3], gamma=0.1)
+    ours = lr_schedule(1.0, 1, (1, 1, 3))
+    for epoch in range(5):
+        np.testing.assert_allclose(float(ours(epoch)), opt.param_groups[0]["lr"], rtol=1e-6)
+        opt.step()
+        sched.step()
