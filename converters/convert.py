@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 import flipad_jax
 from flipad_jax.activations import get_activation, resolve_output_range
-from flipad_jax._files import atomic_dir
+from flipad_jax._files import atomic_dir, check_new_path
 from flipad_jax.bundle import Bundle, build_operator, write_bundle_files
 from flipad_jax.head import Head
 from converters.loading import load_generator
@@ -115,9 +115,7 @@ def convert(model, out, *, arch: Optional[str] = None, arch_options: Optional[di
         raise ValueError(f"seed={seed!r}: expected an int >= 0")
     if check_dtype not in CHECK_TOLERANCE:
         raise ValueError(f"check_dtype={check_dtype!r}: expected one of {list(CHECK_TOLERANCE)}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"out={str(out)!r} already exists: expected a new path (or overwrite)")
+    out = check_new_path(out, overwrite=overwrite)
     source = load_generator(model, arch=arch, arch_options=arch_options,
                             trust_pickle=trust_pickle)
     prepared = prepare(source, latent_shape=latent_shape, bn_mode=bn_mode, device=device,

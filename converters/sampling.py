@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import flipad_jax
 from flipad_jax.activations import get_activation
-from flipad_jax._files import atomic_dir
+from flipad_jax._files import atomic_dir, check_new_path
 from converters.loading import load_generator
 from converters.runner import LATENT_SCHEME, latents, prepare
 
@@ -81,9 +81,7 @@ def sample(model, n: int, out, *, arch: Optional[str] = None,
             raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r}: expected one of {FORMATS}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"out={str(out)!r} already exists: expected a new path (or overwrite)")
+    out = check_new_path(out, overwrite=overwrite)
     source = load_generator(model, arch=arch, arch_options=arch_options,
                             trust_pickle=trust_pickle)
     # The head is traced only to learn the output range; sampling itself needs no invertible head.

@@ -10,6 +10,16 @@ from pathlib import Path
 from typing import Iterator
 
 
+def check_new_path(path, *, overwrite: bool = False) -> Path:
+    """``path`` as a Path; an existing one is an error unless ``overwrite``. Callers check early,
+    before expensive work, and :func:`atomic_dir` checks again when it writes."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ValueError(f"out={str(path)!r} already exists: expected a new path "
+                         "(or pass overwrite=True / --overwrite)")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a folder in a temporary sibling and move it to ``path`` only if the block succeeds.
@@ -17,10 +27,7 @@ def atomic_dir(path, *, overwrite: bool = False) -> Iterator[Path]:
     On an exception the temporary folder is removed and ``path`` is left as it was. An existing
     ``path`` is an error unless ``overwrite``; then it is replaced (renamed aside, then deleted).
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ValueError(f"out={str(path)!r} already exists: expected a new path "
-                         "(or pass overwrite=True / --overwrite)")
+    path = check_new_path(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     umask = os.umask(0)
