@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import flipad_jax as fj
+from reference_fista import layer_maps
 
 
 def bench(fn, *args, repeats=20):
@@ -83,24 +84,12 @@ def main():
                 run(1)
                 res[f"{tag}_solver_ms_per_iteration"] = (
                     bench(run, 101, repeats=3) - bench(run, 1, repeats=3)) / 100
-        tw = torch.from_numpy(w).to(dev)
-        tz = torch.from_numpy(np.asarray(z)).to(dev)
-        F = torch.nn.functional
-        if cls is fj.ConvTranspose2d:
-            pair = lambda: F.conv2d(F.conv_transpose2d(tz, tw, stride=s, padding=pad), tw,  # noqa
-                                    stride=s, padding=pad)
-        else:
-            pair = lambda: F.conv_transpose2d(F.conv2d(tz, tw, stride=s, padding=pad), tw,  # noqa
-                                              stride=s, padding=pad)
-        res["torch_pair_ms"] = torch_bench(pair)
+        kind = "conv_transpose2d" if cls is fj.ConvTranspose2d else "conv2d"
+        forward, adjoint = layer_maps(kind, torch.from_numpy(w).to(dev), s, pad)
+        tz = torch.from_numpy(np.array(z)).to(dev)
         tzc = tz.contiguous(memory_format=torch.channels_last)
-        if cls is fj.ConvTranspose2d:
-            pair_cl = lambda: F.conv2d(F.conv_transpose2d(tzc, tw, stride=s, padding=pad), tw,  # noqa
-                                       stride=s, padding=pad)
-        else:
-            pair_cl = lambda: F.conv_transpose2d(F.conv2d(tzc, tw, stride=s, padding=pad), tw,  # noqa
-                                                 stride=s, padding=pad)
-        res["torch_channels_last_pair_ms"] = torch_bench(pair_cl)
+        res["torch_pair_ms"] = torch_bench(lambda: adjoint(forward(tz)))
+        res["torch_channels_last_pair_ms"] = torch_bench(lambda: adjoint(forward(tzc)))
         res["z_bytes"] = int(z.nbytes)
         rows[name] = res
         print(name, json.dumps(res, indent=1), flush=True)
