@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from flipad_jax._checks import check_finite, check_floating
+from flipad_jax.sharding import map_batches
 
 DIST_EPS = 1e-6  # added to d before the power ỹ (the reference's ``eps``)
 
@@ -105,36 +105,6 @@ def adam_l2(schedule, weight_decay: float = 5e-7, b1: float = 0.9, b2: float = 0
     return optax.chain(optax.add_decayed_weights(weight_decay),
                        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                        optax.scale_by_schedule(lambda count: -schedule(count)))
-
-
-def _batch_mesh():
-    devices = jax.devices()
-    return Mesh(np.asarray(devices), ("batch",)) if len(devices) > 1 else None
-
-
-def map_batches(fn, x, batch_size: int, *, progress: bool = False, desc: str = ""):
-    """Apply a jitted ``fn`` to ``x`` in batches; concatenate the outputs (numpy).
-
-    Batches are zero-padded to ``batch_size``, or for a short tail to the next power of two,
-    so that few shapes are ever compiled; the padding is dropped from the output. With several
-    devices the batch axis is sharded over a 1-D mesh of all local devices (padded sizes rounded
-    up to a multiple of the device count).
-    """
-    n = len(x)
-    mesh = _batch_mesh()
-    k = 1 if mesh is None else mesh.size
-    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("batch"))
-    batch_size = -(-batch_size // k) * k
-    outputs = []
-    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        xb = np.asarray(x[start:start + batch_size])
-        size = len(xb)
-        padded = min(batch_size, -(-max(8, 1 << (size - 1).bit_length()) // k) * k)
-        if size < padded:
-            xb = np.concatenate([xb, np.zeros((padded - size,) + xb.shape[1:], xb.dtype)])
-        xb = jax.device_put(xb, sharding) if sharding is not None else jnp.asarray(xb)
-        outputs.append(np.asarray(fn(xb))[:size])
-    return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("net",))

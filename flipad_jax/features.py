@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flipad_jax._checks import check_floating
+from flipad_jax.sharding import device_batches
 
 STD_EPS = 0.05  # added to the std before dividing (reference ``EPS_std``)
 LOG_EPS = 1e-10
@@ -101,29 +102,34 @@ def max_pool_to(z, size: Optional[int] = 32):
 
 def invert_in_batches(head, images, *, lam: float = 5e-4, batch_size: int = 1000,
                       progress: bool = False, **solver_kwargs) -> dict:
-    """``head.invert`` over a data set in batches, on the host between batches.
+    """``head.invert`` over a data set in batches, each sharded over the local devices.
 
     Bounds device memory (the solver keeps several arrays of the activations' size per batch)
-    and keeps the reference's batch-wide stop rule per batch of 1000 in paper mode.
+    and keeps the reference's batch-wide stop rule per batch of 1000 in paper mode. Each batch
+    holds exactly ``batch_size`` images (the last fewer), padded to a multiple of the device
+    count with copies of its last image, which leave that rule unchanged and are dropped from
+    all outputs (:func:`flipad_jax.sharding.device_batches`).
 
     Args:
-      head: a :class:`~flipad_jax.Head`; images: ``(N, *head.out_shape)``.
-      lam: λ; batch_size: images per solve; progress: show a progress bar.
+      head: a :class:`~flipad_jax.Head`; images: ``(N, *head.out_shape)``, any dtype
+        ``head.invert`` accepts (NumPy or JAX).
+      lam: λ (scalar); batch_size: images per solve; progress: show a progress bar.
       **solver_kwargs: passed to ``head.invert`` (x_range, clip, max_iter, tol, mode, ...).
 
     Returns:
       dict of NumPy arrays: ``z`` ``(N, *head.in_shape)`` and per-image ``iterations``,
-      ``objective``, ``gap``, ``status`` and ``clipped``.
+      ``objective``, ``gap``, ``status`` and ``clipped``, each ``(N,)``.
     """
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
     keys = ("z", "iterations", "objective", "gap", "status", "clipped")
     parts = {k: [] for k in keys}
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, disable=not progress, desc="inverting", unit="batch"):
-        res = head.invert(images[start:start + batch_size], lam, **solver_kwargs)
+    batches = tqdm(device_batches(images, batch_size), total=-(-len(images) // batch_size),
+                   disable=not progress, desc="inverting", unit="batch")
+    for xb, size in batches:
+        res = head.invert(xb, lam, **solver_kwargs)
         for k in keys:
-            parts[k].append(np.asarray(getattr(res, k)))
+            parts[k].append(np.asarray(getattr(res, k))[:size])
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
