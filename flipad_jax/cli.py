@@ -5,6 +5,13 @@ Subcommands:
 * ``flipad convert``: a PyTorch generator → a verified head bundle (``converters``, needs torch).
 * ``flipad sample``: N samples of a PyTorch generator as PNGs or ``.npy`` (needs torch).
 * ``flipad invert``: FLIPAD features of images with a head bundle (pure JAX), saved as ``.npy``.
+* ``flipad fit``: a FLIPAD / RawPAD / DCTPAD detector from G's samples and other samples.
+* ``flipad score``: scores and verdicts of any number of images, streamed to CSV or JSONL,
+  resumable after a kill (:mod:`flipad_jax.scoring`).
+* ``flipad evaluate``: accuracy at each fitted fnr and AUC against other sources, as a table.
+
+Every refused input prints ``flipad <command>: error: ...`` naming the file or value and what
+was expected, and exits with status 1.
 
 ``convert`` and ``sample`` come from ``converters`` through the ``flipad.subcommands`` entry
 points; torch is imported only when one of them runs, so ``flipad --help`` and ``flipad invert``
@@ -17,6 +24,9 @@ import argparse
 import os
 import sys
 
+SRC_HELP = ("a folder of images, a glob pattern (quote it) or an .npy array (B, C, H, W): uint8 "
+            "pixels, or floats in the generator's output range")
+
 INVERT_EXAMPLES = """\
 examples:
   # FLIPAD features (the lasso solutions) of a folder of PNGs, λ = 5e-4 as in the paper
@@ -26,15 +36,20 @@ examples:
 """
 
 
+def _subparser(subparsers, name: str, examples: str, **kwargs):
+    """A subcommand's parser with its examples printed verbatim after the options."""
+    return subparsers.add_parser(name, epilog=examples,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def _add_invert_parser(subparsers):
-    p = subparsers.add_parser(
-        "invert", help="FLIPAD features of images with a head bundle (no torch needed)",
+    p = _subparser(
+        subparsers, "invert", INVERT_EXAMPLES,
+        help="FLIPAD features of images with a head bundle (no torch needed)",
         description="Solve the final-layer lasso for every image; write the activations (.npy) "
-                    "and per-sample diagnostics (.json beside it).",
-        epilog=INVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "and per-sample diagnostics (.json beside it).")
     p.add_argument("bundle", help="head bundle folder written by `flipad convert`")
-    p.add_argument("images", help="a folder of PNGs, or an .npy array (B, C, H, W) in the "
-                                  "generator's output range")
+    p.add_argument("images", help=SRC_HELP)
     p.add_argument("--out", required=True, help="output .npy file (written atomically)")
     p.add_argument("--lam", type=float, default=5e-4, help="λ of the lasso (default 5e-4)")
     p.add_argument("--mode", choices=["fast", "paper"], default="fast")
@@ -58,18 +73,12 @@ def _run_invert(args) -> int:
     from flipad_jax.images import load_images
 
     out = Path(args.out if args.out.endswith(".npy") else args.out + ".npy")
-    try:
-        head = Head.load(args.bundle)
-        images = load_images(args.images, head.output_range)
-        if images.shape[1:] != tuple(head.out_shape):
-            raise ValueError(f"{args.images}: images of shape {images.shape[1:]}, expected "
-                             f"{tuple(head.out_shape)} (the head's output)")
-        res = invert_in_batches(head, images, lam=args.lam, batch_size=args.batch_size,
-                                progress=not args.quiet, mode=args.mode,
-                                max_iter=args.max_iter, tol=args.tol)
-    except (ValueError, OSError) as error:
-        print(f"flipad invert: {error}", file=sys.stderr)
-        return 1
+    head = Head.load(args.bundle)
+    images = load_images(args.images, head.output_range, shape=head.out_shape,
+                         shape_from="(the head's output)")
+    res = invert_in_batches(head, images, lam=args.lam, batch_size=args.batch_size,
+                            progress=not args.quiet, mode=args.mode,
+                            max_iter=args.max_iter, tol=args.tol)
     samples = [dict(index=i, iterations=int(res["iterations"][i]),
                     objective=float(res["objective"][i]), gap=float(res["gap"][i]),
                     status=int(res["status"][i]), clipped=int(res["clipped"][i]))
@@ -87,25 +96,363 @@ def _run_invert(args) -> int:
     return 0
 
 
+# -- shared helpers of fit / score / evaluate ----------------------------------------------------
+
+METHOD_NAMES = {"flipad": "FLIPAD", "raw": "RawPAD", "dct": "DCTPAD"}
+
+
+def _key_value(text: str) -> tuple:
+    """``KEY=VALUE`` with VALUE read as JSON where it parses (16, [8, 8], 0.5), else a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. rep_dim=32")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _optional_int(text: str):
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int or 'none'") from None
+
+
+def _named_source(text: str) -> tuple:
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SRC, e.g. real=data/real")
+    return name, source
+
+
+def _pixel_range(head):
+    """The range 8-bit pixels are mapped to: the head's output range, else [-1, 1] (RawPAD and
+    DCTPAD without a bundle; ``fit`` and ``score`` use the same mapping)."""
+    return (-1.0, 1.0) if head is None else head.output_range
+
+
+def _load_detector(path, bundle):
+    """(detector, pixel range) from a saved detector and, for FLIPAD, its head bundle."""
+    from flipad_jax import checkpoint
+    from flipad_jax.detector import Detector
+    from flipad_jax.head import Head
+
+    saved_head = checkpoint.load_meta(path).get("head")
+    if saved_head is not None and bundle is None:
+        raise ValueError(f"{path}: a FLIPAD detector, fitted with the head of "
+                         f"{(saved_head.get('source') or {}).get('file') or 'a bundle'}: expected "
+                         "--bundle DIR, the head bundle it was fitted with")
+    head = None if bundle is None else Head.load(bundle)
+    try:
+        detector = Detector.load(path, head=head, progress=False)
+    except ValueError as error:
+        if head is None or not str(error).startswith("head"):
+            raise
+        raise ValueError(f"--bundle {bundle} does not belong to the detector {path}: "
+                         f"{error}") from None
+    return detector, _pixel_range(head)
+
+
+# -- fit -----------------------------------------------------------------------------------------
+
+FIT_EXAMPLES = """\
+examples:
+  # FLIPAD on G's samples against real images; 10% of G's samples set the thresholds
+  flipad fit --features flipad --bundle bundles/dcgan --model data/dcgan/train \\
+             --other data/real/train --out detectors/dcgan-flipad
+  # RawPAD with a separate validation set, other samples from two folders, quick settings
+  flipad fit --features raw --model 'data/g/*.png' --val data/g_val --other data/real \\
+             --other data/g2 --epochs 10 --fnr 0.05 --out det/
+"""
+
+
+def _add_fit_parser(subparsers):
+    p = _subparser(
+        subparsers, "fit", FIT_EXAMPLES,
+        help="fit a FLIPAD / RawPAD / DCTPAD detector on G's and other samples",
+        description="Train DeepSAD on features of G's samples (inliers) against other samples, "
+                    "set the thresholds on G's validation samples, and save the detector.")
+    p.add_argument("--features", choices=["flipad", "raw", "dct"], required=True)
+    p.add_argument("--bundle", help="head bundle of G (required for --features flipad)")
+    p.add_argument("--model", action="append", required=True, metavar="SRC",
+                   help=f"G's samples (repeatable): {SRC_HELP}")
+    p.add_argument("--other", action="append", required=True, metavar="SRC",
+                   help="samples not made by G: real images or another model's (repeatable)")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val", action="append", metavar="SRC",
+                     help="G's validation samples for the thresholds (repeatable)")
+    val.add_argument("--val-fraction", type=float, metavar="F",
+                     help="without --val: the fraction of --model held out for validation by a "
+                          "permutation seeded with --seed (default 0.1)")
+    p.add_argument("--out", required=True, help="detector folder to write (atomically)")
+    p.add_argument("--fnr", action="append", type=float, metavar="FNR",
+                   help="false-negative rate to fit a threshold for (repeatable; default 0.005 "
+                        "and 0.05)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128, help="DeepSAD batch size")
+    p.add_argument("--lam", type=float, default=5e-4, help="FLIPAD: λ of the lasso")
+    p.add_argument("--max-iter", type=int, help="FLIPAD: solver iterations per image")
+    p.add_argument("--pool-to", type=_optional_int, default=32,
+                   help="FLIPAD: max-pool the activations to this size ('none': no pooling)")
+    p.add_argument("--size", type=_optional_int, default=32,
+                   help="RawPAD: resize images to this size ('none': keep)")
+    p.add_argument("--crop", type=_optional_int, default=32,
+                   help="DCTPAD: centre crop ('none': the whole image)")
+    p.add_argument("--network", help="DeepSAD network (default: chosen from the feature shape)")
+    p.add_argument("--network-opt", action="append", type=_key_value, default=[],
+                   metavar="KEY=VALUE", help="network option (repeatable), e.g. rep_dim=32, "
+                                             "widths=[8,8,8]")
+    p.add_argument("--top-k", type=int, help="keep the k most different channels")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the validation split, the network and the shuffling")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_fit)
+    return p
+
+
+def _run_fit(args) -> int:
+    import numpy as np
+
+    from flipad_jax._files import check_new_path
+    from flipad_jax.detector import DEFAULT_FNRS, Detector
+    from flipad_jax.head import Head
+    from flipad_jax.images import list_images, read_images
+    from flipad_jax.metrics import check_fnr, min_validation_samples
+
+    if args.features == "flipad" and args.bundle is None:
+        raise ValueError("--features flipad: expected --bundle DIR, the head bundle of G")
+    check_new_path(args.out, overwrite=args.overwrite)
+    fnrs = sorted({check_fnr(f) for f in (args.fnr or DEFAULT_FNRS)})
+    need = max(min_validation_samples(f) for f in fnrs)
+    model_refs = list_images(args.model)
+    model_src = " ".join(args.model)
+    if args.val:
+        val_refs = list_images(args.val)
+        if len(val_refs) < need:
+            raise ValueError(f"--val {' '.join(args.val)}: {len(val_refs)} images, expected at "
+                             f"least {need} (⌈1/fnr⌉ for --fnr {min(fnrs)})")
+    else:
+        fraction = 0.1 if args.val_fraction is None else args.val_fraction
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"--val-fraction {fraction}: expected a number in (0, 1)")
+        n_val = int(round(fraction * len(model_refs)))
+        if n_val < need or n_val == len(model_refs):
+            raise ValueError(
+                f"--model {model_src}: {len(model_refs)} images, so --val-fraction {fraction} "
+                f"holds out {n_val} for validation, expected at least {need} (⌈1/fnr⌉ for --fnr "
+                f"{min(fnrs)}) and some left to train on: pass --val SRC, more images or a "
+                "larger --val-fraction")
+        order = np.random.default_rng(args.seed).permutation(len(model_refs))
+        val_refs = [model_refs[i] for i in np.sort(order[:n_val])]
+        model_refs = [model_refs[i] for i in np.sort(order[n_val:])]
+    head = None if args.bundle is None else Head.load(args.bundle)
+    pixels = _pixel_range(head)
+    shape, shape_from = (None, "") if head is None else (head.out_shape,
+                                                         f"(the output of --bundle {args.bundle})")
+    x_model = read_images(model_refs, pixels, shape=shape, shape_from=shape_from,
+                          progress=not args.quiet)
+    like = dict(shape=x_model.shape[1:], shape_from=f"(the images of --model {model_src})",
+                progress=not args.quiet)
+    x_val = read_images(val_refs, pixels, **like)
+    x_other = read_images(list_images(args.other), pixels, **like)
+    detector = Detector(args.features, head=head, network=args.network,
+                        network_kwargs=dict(args.network_opt), top_k=args.top_k, fnrs=fnrs,
+                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                        lam=args.lam, pool_to=args.pool_to, size=args.size, crop=args.crop,
+                        invert_kwargs={} if args.max_iter is None else
+                        dict(max_iter=args.max_iter), seed=args.seed,
+                        progress=not args.quiet)
+    detector.fit(x_model, x_other, x_val)
+    path = detector.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {path} ({args.features}: {len(x_model)} of G's images, {len(x_other)} others, "
+          f"{len(x_val)} for validation)")
+    for fnr, tau in sorted(detector.thresholds_.items()):
+        print(f"  threshold at fnr={fnr:g}: {tau:.6g}")
+    return 0
+
+
+# -- score ---------------------------------------------------------------------------------------
+
+SCORE_EXAMPLES = """\
+examples:
+  # every PNG of a folder; rerun the same command after a kill to resume
+  flipad score detectors/dcgan-flipad data/suspects --bundle bundles/dcgan --out scores.csv
+  # arrays and globs, JSON lines; four hosts each score their part of the sorted inputs
+  flipad score det/ x.npy 'more/*.png' --out part0.jsonl --shard 0/4
+"""
+
+
+def _add_score_parser(subparsers):
+    p = _subparser(
+        subparsers, "score", SCORE_EXAMPLES,
+        help="score images with a detector, streamed to CSV or JSONL (resumable)",
+        description="Write one row per input image: its path (file.npy[i] for array rows), its "
+                    "score (higher: less likely made by G) and the verdict 'made by G' at each "
+                    "fitted fnr. Rows go to OUT.partial and it becomes OUT only when every input "
+                    "is scored; a rerun after a kill resumes where it stopped.")
+    p.add_argument("detector", help="detector folder written by `flipad fit`")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=SRC_HELP)
+    p.add_argument("--out", required=True, help="output FILE.csv or FILE.jsonl")
+    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
+    p.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="score part K (from 0) of N contiguous parts of the sorted inputs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (and discard another run's OUT.partial)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_score)
+    return p
+
+
+def _run_score(args) -> int:
+    from pathlib import Path
+
+    from flipad_jax import scoring
+    from flipad_jax.images import list_images
+
+    out = scoring.check_output(args.out, overwrite=args.overwrite)
+    k, n = scoring.parse_shard(args.shard)
+    refs = scoring.shard(list_images(args.inputs), k, n)
+    detector, pixels = _load_detector(args.detector, args.bundle)
+    sidecar = dict(detector=str(Path(args.detector).absolute()),
+                   detector_sha256=scoring.detector_digest(args.detector), shard=f"{k}/{n}")
+    path, resumed = scoring.write_scores(detector, refs, out, sidecar=sidecar,
+                                         output_range=pixels, batch_size=args.batch_size,
+                                         overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {path} ({len(refs)} rows" + (f", {resumed} of them resumed from an earlier run"
+                                               if resumed else "") + ")")
+    return 0
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+
+EVALUATE_EXAMPLES = """\
+examples:
+  flipad evaluate detectors/dcgan-flipad --bundle bundles/dcgan --model data/dcgan/test \\
+                  --other real=data/real/test --other wgangp=data/wgangp/test --out reports/dcgan
+"""
+
+
+def _add_evaluate_parser(subparsers):
+    p = _subparser(
+        subparsers, "evaluate", EVALUATE_EXAMPLES,
+        help="accuracy and AUC of a detector against other sources (paper's table)",
+        description="Score G's test samples and each other source; print accuracy at each "
+                    "fitted fnr and the AUC per source G′ (flipad_jax.metrics.evaluate).")
+    p.add_argument("detector", help="detector folder written by `flipad fit`")
+    p.add_argument("--model", action="append", required=True, metavar="SRC",
+                   help=f"G's test samples (repeatable): {SRC_HELP}")
+    p.add_argument("--other", action="append", required=True, type=_named_source,
+                   metavar="NAME=SRC", help="samples of another source G′ (repeatable)")
+    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--out", metavar="REPORT_DIR",
+                   help="write table.md and records.json to this folder (atomically)")
+    p.add_argument("--method-name", help="row label (default: FLIPAD, RawPAD or DCTPAD)")
+    p.add_argument("--model-name", default="G", help="name of G in the table (default G)")
+    p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_evaluate)
+    return p
+
+
+def _tables(records, fnrs) -> str:
+    """Markdown: per metric (accuracy at each fnr, AUC) the per-pair table, and the mean over
+    G′ when there are several."""
+    from flipad_jax.metrics import attribution_table
+
+    parts = []
+    metrics = [(f"acc@fnr={f:g}", f"accuracy (%) at fnr={f:g}") for f in fnrs]
+    for key, title in metrics + [("auc", "AUC (%)")]:
+        parts += [f"## {title}", "", attribution_table(records, value=key, per_other=True), ""]
+        if len(records) > 1:
+            parts += ["mean over G′:", "", attribution_table(records, value=key), ""]
+    return "\n".join(parts)
+
+
+def _run_evaluate(args) -> int:
+    import json
+
+    from flipad_jax import scoring
+    from flipad_jax._files import atomic_dir, check_new_path
+    from flipad_jax.images import list_images
+    from flipad_jax.metrics import evaluate
+
+    names = [name for name, _ in args.other]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--other {repeated[0]}=...: given twice, expected one source per name")
+    if args.model_name in names:
+        raise ValueError(f"--other {args.model_name}=...: the name of --model-name, expected "
+                         "another name")
+    if args.out is not None:
+        check_new_path(args.out, overwrite=args.overwrite)
+    detector, pixels = _load_detector(args.detector, args.bundle)
+    sources = {args.model_name: list_images(args.model)}
+    sources.update((name, list_images(src)) for name, src in args.other)
+    scores = {name: scoring.score_all(detector, refs, output_range=pixels,
+                                      batch_size=args.batch_size, progress=not args.quiet,
+                                      desc=f"scoring {name}")
+              for name, refs in sources.items()}
+    s_model = scores.pop(args.model_name)
+    method = args.method_name or METHOD_NAMES[detector.feature_config.kind]
+    records = [dict(rec, method=method, model=args.model_name)
+               for rec in evaluate(s_model, scores, detector.thresholds_)]
+    table = _tables(records, sorted(detector.thresholds_))
+    print(table)
+    if args.out is not None:
+        report = dict(detector=str(args.detector), method=method, model=args.model_name,
+                      thresholds={f"{f:g}": t for f, t in sorted(detector.thresholds_.items())},
+                      sources=dict([(args.model_name, args.model)] +
+                                   [(name, src) for name, src in args.other]),
+                      counts={name: len(refs) for name, refs in sources.items()},
+                      records=records)
+        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            (tmp / "table.md").write_text(table + "\n")
+            (tmp / "records.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}/table.md and records.json")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit status 1 for usage errors, like every other refused input."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser, with subcommands that other packages register under the entry-point group
     ``flipad.subcommands`` (``converters`` adds convert and sample): flipad_jax never imports
     the torch side by name."""
     from importlib.metadata import entry_points
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flipad", description="Single-model attribution of generative models by "
                                    "final-layer inversion (FLIPAD), in JAX.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for entry in sorted(entry_points(group="flipad.subcommands"), key=lambda e: e.name):
         entry.load()(subparsers)
-    _add_invert_parser(subparsers)
+    for add in (_add_invert_parser, _add_fit_parser, _add_score_parser, _add_evaluate_parser):
+        add(subparsers)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:
+        print(f"flipad {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,77 +1,196 @@
-"""Reading images for inversion and scoring: a folder of PNGs or an ``.npy`` array.
+"""Reading images for inversion, fitting and scoring: folders, glob patterns and ``.npy`` arrays.
 
-PNG pixels p ∈ {0 … 255} map to the generator's output range [low, high] as
-``low + p/255 · (high − low)``, the inverse of ``flipad sample``'s quantisation. Arrays are read
-with ``allow_pickle=False``. Every failure names the file and what was expected.
+Two steps, so that large sets can be streamed:
+
+* :func:`list_images` expands sources into a sorted list of :class:`ImageRef` (one per image
+  file, one per row of an ``.npy`` array) without reading pixels (``.npy`` headers only);
+* :func:`read_images` loads any slice of that list (``.npy`` rows through a memory map).
+
+:func:`load_images` does both for a whole source. PNG pixels p ∈ {0 … 255} map to the generator's
+output range [low, high] as ``low + p/255 · (high − low)``, the inverse of ``flipad sample``'s
+quantisation. Arrays are read with ``allow_pickle=False``. Every failure names the file (for an
+array row, ``file.npy[i]``) and what was expected.
 """
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+GLOB_CHARS = "*?["
 
 
-def _read_png_folder(folder: Path) -> np.ndarray:
+class ImageRef(NamedTuple):
+    """One input image: an image file (``index == -1``) or row ``index`` of an ``.npy`` file.
+    Refs sort by (path, index), so array rows keep their order."""
+
+    path: str
+    index: int = -1
+
+    @property
+    def name(self) -> str:
+        """``path`` for an image file, ``path[i]`` for an array row (the row's name in outputs)."""
+        return self.path if self.index < 0 else f"{self.path}[{self.index}]"
+
+
+def _open_npy(path) -> np.ndarray:
+    """The array of an ``.npy`` file as a read-only memory map, checked to be (B, C, H, W) of
+    uint8 or float pixels (values are checked when rows are read)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+    if arr.ndim != 4:
+        raise ValueError(f"{path}: array of shape {arr.shape}, expected (B, C, H, W)")
+    if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{path}: dtype {arr.dtype}, expected uint8 or float")
+    if len(arr) == 0:
+        raise ValueError(f"{path}: array of shape {arr.shape} holds no images, expected B >= 1")
+    return arr
+
+
+def _read_image(path) -> np.ndarray:
+    """The 8-bit pixels of one image file as ``(C, H, W)`` uint8 (C = 1 grey or 3 RGB)."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "RGB"):
+                raise ValueError(f"{path}: image mode {img.mode!r}, expected 'L' (grey) or "
+                                 "'RGB' 8-bit pixels")
+            arr = np.asarray(img)
+    except OSError as error:
+        raise ValueError(f"{path}: unreadable or truncated image ({error})") from None
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{path}: pixel type {arr.dtype}, expected 8-bit images")
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _folder_files(folder: Path) -> list[ImageRef]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    arrays, first = [], None
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                if img.mode not in ("L", "RGB"):
-                    raise ValueError(f"{path}: image mode {img.mode!r}, expected 'L' (grey) or "
-                                     "'RGB' 8-bit pixels")
-                arr = np.asarray(img)
-        except OSError as error:
-            raise ValueError(f"{path}: unreadable or truncated image ({error})") from None
-        arr = arr[:, :, None] if arr.ndim == 2 else arr
-        if first is None:
-            first = (path, arr.shape)
-        elif arr.shape != first[1]:
-            raise ValueError(f"{path}: image of shape (H, W, C) = {arr.shape}, expected "
-                             f"{first[1]} like {first[0].name} (mixed sizes or channel counts)")
-        if arr.dtype != np.uint8:
-            raise ValueError(f"{path}: pixel type {arr.dtype}, expected 8-bit images")
-        arrays.append(arr)
-    return np.stack(arrays).transpose(0, 3, 1, 2)
+    return [ImageRef(str(p)) for p in files]
 
 
-def load_images(source, output_range=(-1.0, 1.0)) -> np.ndarray:
-    """Images as float32 ``(B, C, H, W)`` in ``output_range``.
-
-    Args:
-      source: a folder of 8-bit images (sorted by file name) or an ``.npy`` file holding either
-        uint8 pixels or floats already in the output range, shaped ``(B, C, H, W)``.
-      output_range: (low, high) of the generator's outputs (``head.output_range``); None for
-        unbounded heads, which then accept only float arrays.
-    """
+def _expand(source: str, *, in_glob: bool = False) -> list[ImageRef]:
     path = Path(source)
     if path.is_dir():
-        pixels = _read_png_folder(path)
-    elif path.suffix == ".npy" and path.is_file():
-        try:
-            pixels = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: not a readable .npy array ({error})") from None
-        if pixels.ndim != 4:
-            raise ValueError(f"{path}: array of shape {pixels.shape}, expected (B, C, H, W)")
-        if pixels.dtype != np.uint8:
-            if not np.issubdtype(pixels.dtype, np.floating):
-                raise ValueError(f"{path}: dtype {pixels.dtype}, expected uint8 or float")
-            if not np.all(np.isfinite(pixels)):
-                raise ValueError(f"{path}: holds NaN/inf values")
-            return pixels.astype(np.float32)
-    else:
-        raise ValueError(f"{source}: expected a folder of images or an .npy file")
+        return _folder_files(path)
+    if path.is_file() and path.suffix == ".npy":
+        return [ImageRef(source, i) for i in range(len(_open_npy(path)))]
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return [ImageRef(source)]
+    if in_glob:  # a match that is no image: skipped, as a folder skips such files
+        return []
+    if any(c in source for c in GLOB_CHARS):
+        refs = [r for match in sorted(glob.glob(source)) for r in _expand(match, in_glob=True)]
+        if not refs:
+            raise ValueError(f"{source}: the glob pattern matches no images: expected it to "
+                             f"match image files ({', '.join(IMAGE_SUFFIXES)}), .npy arrays or "
+                             "folders of images")
+        return refs
+    if path.exists():
+        raise ValueError(f"{source}: not an image ({', '.join(IMAGE_SUFFIXES)}) or .npy file: "
+                         "expected a folder of images, a glob pattern or an .npy array")
+    raise ValueError(f"{source}: no such file or folder: expected a folder of images, a glob "
+                     "pattern (quoted) or an .npy array")
+
+
+def list_images(sources: Union[str, Path, Sequence[Union[str, Path]]]) -> list[ImageRef]:
+    """Every image of ``sources``, sorted by (path, row) and without repeats; reads no pixels.
+
+    Args:
+      sources: one or several of: a folder of 8-bit images (``.png``, ``.jpg``, ...), a glob
+        pattern over such files, ``.npy`` arrays or folders, an ``.npy`` array ``(B, C, H, W)``
+        (one ref per row) or a single image file.
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    refs = {r for source in sources for r in _expand(str(source))}
+    if not refs:
+        raise ValueError("sources=[]: expected at least one folder, glob pattern or .npy file")
+    return sorted(refs)
+
+
+def _groups(refs: Sequence[ImageRef]) -> Iterable[tuple[str, list[int]]]:
+    """Consecutive refs of one ``.npy`` file grouped as (path, rows); image files alone."""
+    start = 0
+    while start < len(refs):
+        stop = start + 1
+        if refs[start].index >= 0:
+            while stop < len(refs) and refs[stop].path == refs[start].path:
+                stop += 1
+        yield refs[start].path, [r.index for r in refs[start:stop]]
+        start = stop
+
+
+def _to_range(pixels: np.ndarray, output_range, path: str, rows: Optional[list]) -> np.ndarray:
+    """uint8 pixels → float32 in ``output_range``; floats are checked for NaN/inf and kept.
+    ``rows``: the array rows of ``pixels`` (named in errors), None for an image file."""
+    if pixels.dtype != np.uint8:
+        finite = np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            name = path if rows is None else f"{path}[{rows[bad]}]"
+            raise ValueError(f"{name}: holds NaN/inf values, expected finite pixels")
+        return pixels.astype(np.float32)
     if output_range is None:
-        raise ValueError(f"{source}: 8-bit pixels need the generator's output range, and this "
+        raise ValueError(f"{path}: 8-bit pixels need the generator's output range, and this "
                          "head has none (an identity head); pass float arrays instead")
     low, high = map(float, output_range)
     return (low + pixels.astype(np.float32) / 255.0 * (high - low)).astype(np.float32)
+
+
+def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
+                shape: Optional[Sequence[int]] = None, shape_from: str = "",
+                progress: bool = False) -> np.ndarray:
+    """The images of ``refs`` as float32 ``(len(refs), C, H, W)`` in ``output_range``.
+
+    Args:
+      refs: from :func:`list_images` (any slice; ``.npy`` rows are read through a memory map).
+      output_range: (low, high) of the generator's outputs (``head.output_range``) that 8-bit
+        pixels are mapped to; None for unbounded heads, which then accept only float arrays.
+      shape: the expected per-image ``(C, H, W)`` (e.g. the detector's input shape), named in
+        errors by ``shape_from``; None: every image must have the first one's shape.
+      progress: show a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    expected = None if shape is None else tuple(int(s) for s in shape)
+    parts = []
+    bar = tqdm(total=len(refs), disable=not progress, desc="reading", unit="img", leave=False)
+    for path, rows in _groups(refs):
+        if rows[0] < 0:
+            pixels, rows = _read_image(path)[None], None
+        else:
+            arr = _open_npy(path)
+            if rows[-1] >= len(arr):
+                raise ValueError(f"{path}[{rows[-1]}]: no such row, the array holds {len(arr)} "
+                                 "images (it changed since it was listed)")
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+            pixels = np.array(arr[rows[0]:rows[-1] + 1] if contiguous else arr[rows])
+        if expected is None:
+            expected, shape_from = pixels.shape[1:], f"like {path}"
+        if pixels.shape[1:] != expected:
+            raise ValueError(f"{path}: image of shape (C, H, W) = {pixels.shape[1:]}, expected "
+                             f"{expected} {shape_from} (mixed sizes or channel counts)")
+        parts.append(_to_range(pixels, output_range, path, rows))
+        bar.update(len(pixels))
+    bar.close()
+    if not parts:
+        raise ValueError("refs=[]: expected at least one image")
+    return np.concatenate(parts)
+
+
+def load_images(source, output_range=(-1.0, 1.0), *, shape: Optional[Sequence[int]] = None,
+                shape_from: str = "") -> np.ndarray:
+    """All images of ``source`` (see :func:`list_images`) as float32 ``(B, C, H, W)`` in
+    ``output_range``: uint8 pixels (PNG files, uint8 arrays) are mapped to it, float arrays are
+    taken as already in it. ``shape``, ``shape_from``: as in :func:`read_images`."""
+    return read_images(list_images(source), output_range, shape=shape, shape_from=shape_from)
