@@ -363,20 +363,6 @@ def _add_evaluate_parser(subparsers):
     return p
 
 
-def _tables(records, fnrs) -> str:
-    """Markdown: per metric (accuracy at each fnr, AUC) the per-pair table, and the mean over
-    G′ when there are several."""
-    from flipad_jax.metrics import attribution_table
-
-    parts = []
-    metrics = [(f"acc@fnr={f:g}", f"accuracy (%) at fnr={f:g}") for f in fnrs]
-    for key, title in metrics + [("auc", "AUC (%)")]:
-        parts += [f"## {title}", "", attribution_table(records, value=key, per_other=True), ""]
-        if len(records) > 1:
-            parts += ["mean over G′:", "", attribution_table(records, value=key), ""]
-    return "\n".join(parts)
-
-
 def _run_evaluate(args) -> int:
     import json
 
@@ -405,7 +391,10 @@ def _run_evaluate(args) -> int:
     method = args.method_name or METHOD_NAMES[detector.feature_config.kind]
     records = [dict(rec, method=method, model=args.model_name)
                for rec in evaluate(s_model, scores, detector.thresholds_)]
-    table = _tables(records, sorted(detector.thresholds_))
+    from flipad_jax.report import tables_markdown
+
+    table = tables_markdown({f"{method} detector of {args.model_name}": records},
+                            sorted(detector.thresholds_))
     print(table)
     if args.out is not None:
         report = dict(detector=str(args.detector), method=method, model=args.model_name,
