@@ -9,8 +9,9 @@ when a subcommand runs. Each subcommand's ``func(args)`` returns the exit code: 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from flipad_jax.cli import _key_value
 
 ARCH_NAMES = "dcgan, wgangp, ebgan, lsgan, medigan_dcgan, klwgan, sd_vae_last"
 
@@ -54,22 +55,12 @@ def _range(text: str) -> tuple:
     return low, high
 
 
-def _arch_opt(text: str) -> tuple:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. nc=1")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def _common(p: argparse.ArgumentParser, batch_size: str) -> None:
     p.add_argument("model", metavar="MODEL", help="state_dict (.pt/.pth) or .safetensors with "
                    "--arch, TorchScript file, or torch.export program (.pt2)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
     p.add_argument("--arch", metavar="NAME", help=f"architecture of a weights file: {ARCH_NAMES}")
-    p.add_argument("--arch-opt", action="append", type=_arch_opt, default=[], metavar="KEY=VALUE",
+    p.add_argument("--arch-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="architecture option (repeatable), e.g. nc=1, image_size=32, nz=100")
     p.add_argument("--latent-shape", type=_ints, metavar="D,...",
                    help="per-sample latent shape, e.g. 100,1,1 (default: from the architecture)")
