@@ -120,7 +120,9 @@ class Detector:
     def features(self, x):
         """Unstandardised features of images ``x`` ``(B, C, H, W)``: what ``precomputed=True``
         expects (FLIPAD: the pooled inverted activations)."""
-        return np.array(self.feature_config.extract(x, self.head), np.float32)
+        return np.array(self.feature_config.extract(x, self.head,
+                                                    progress=self.config["progress"]),
+                        np.float32)
 
     def _inputs(self, name: str, x, precomputed: bool, *, fitting: bool = False):
         """Features of ``x`` checked for dtype, finiteness and shape; numpy float32."""

@@ -125,7 +125,7 @@ def invert_in_batches(head, images, *, lam: float = 5e-4, batch_size: int = 1000
     keys = ("z", "iterations", "objective", "gap", "status", "clipped")
     parts = {k: [] for k in keys}
     batches = tqdm(device_batches(images, batch_size), total=-(-len(images) // batch_size),
-                   disable=not progress, desc="inverting", unit="batch")
+                   disable=not progress, desc="inverting", unit="batch", leave=False)
     for xb, size in batches:
         res = head.invert(xb, lam, **solver_kwargs)
         for k in keys:
@@ -229,13 +229,15 @@ class FeatureConfig:
         if self.kind not in FEATURE_KINDS:
             raise ValueError(f"features={self.kind!r}: expected one of {FEATURE_KINDS}")
 
-    def extract(self, images, head=None):
-        """Unstandardised features of ``(B, C, H, W)`` images (see the module docstring)."""
+    def extract(self, images, head=None, *, progress: bool = False):
+        """Unstandardised features of ``(B, C, H, W)`` images (see the module docstring);
+        ``progress`` shows the inversion's progress bar."""
         if self.kind == "flipad":
             if head is None:
                 raise ValueError("head=None: FLIPAD features need the generator's Head")
             return flipad_features(head, images, lam=self.lam, pool_to=self.pool_to,
-                                   batch_size=self.invert_batch_size, **self.invert_kwargs)
+                                   batch_size=self.invert_batch_size, progress=progress,
+                                   **self.invert_kwargs)
         if self.kind == "raw":
             return raw_features(images, self.size)
         return dct_features(images, self.crop)
