@@ -1,0 +1,109 @@
+"""The embedded default: GAN training (every family), the shipped weights, and `flipad demo`."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from converters.demo import FAMILIES, METHODS, DemoSettings, run_demo  # noqa: E402
+from converters.demo_gans import (DEMO_MODELS, GEN_OPTIONS, RECORD_FILE, WEIGHTS_DIR,  # noqa: E402
+                                  DemoModel, _pull_away, _Trainer, train_demo_generators)
+from converters.generators import build_generator  # noqa: E402
+from converters.loading import load_generator  # noqa: E402
+from flipad_jax.datasets import DEFAULT_FASHION_MNIST  # noqa: E402
+from tests.test_datasets import _fake_fashion  # noqa: E402
+
+pytestmark = pytest.mark.torch
+HAVE_DATA = Path(DEFAULT_FASHION_MNIST).is_dir()
+
+
+def test_pull_away_term_closed_forms():
+    assert float(_pull_away(torch.eye(4))) == pytest.approx(0.0)
+    assert float(_pull_away(torch.ones(5, 3))) == pytest.approx(1.0)
+    codes = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # cos 45° → squared cosine ½
+    assert float(_pull_away(codes)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_every_family_trains_its_generator(arch):
+    torch.manual_seed(0)
+    gen = build_generator(arch, options=GEN_OPTIONS, seed=0)
+    before = [p.detach().clone() for p in gen.parameters()]
+    trainer = _Trainer(arch, gen, 16)
+    real = torch.rand(16, 1, 32, 32) * 2 - 1
+    g_steps = 0
+    for step in range(5):
+        d_loss, g_loss = trainer.step(real)
+        assert np.isfinite(d_loss)
+        g_steps += g_loss is not None
+        changed = any(not torch.equal(a, b) for a, b in zip(before, gen.parameters()))
+        # WGAN-GP: five critic steps per generator step; the others update G every step
+        assert changed == (g_steps > 0)
+    assert g_steps == (1 if arch == "wgangp" else 5)
+
+
+def test_training_writes_loadable_weights_and_a_record(tmp_path):
+    _fake_fashion(tmp_path / "fm", n=32)
+    out = train_demo_generators(tmp_path / "w", data=tmp_path / "fm", batch=16, progress=False,
+                                models=(DemoModel("tiny", "lsgan", 3, 1),))
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["models"]["tiny"]["seed"] == 3 and record["models"]["tiny"]["epochs"] == 1
+    assert len(record["models"]["tiny"]["losses"]) == 1
+    source = load_generator(out / "tiny.safetensors", arch="lsgan", arch_options=GEN_OPTIONS)
+    assert source.model.latent_shape == (100,)
+    with pytest.raises(ValueError, match="at least batch=128"):
+        train_demo_generators(tmp_path / "w2", data=tmp_path / "fm", progress=False,
+                              models=(DemoModel("tiny", "dcgan", 0, 1),))
+    assert not (tmp_path / "w2").exists()
+
+
+def test_shipped_weights_are_trained_and_recorded():
+    record = json.loads((WEIGHTS_DIR / RECORD_FILE).read_text())
+    for model in DEMO_MODELS:
+        entry = record["models"][model.name]
+        assert entry["command"].startswith("python -m converters.demo_gans")
+        assert (entry["arch"], entry["seed"], entry["epochs"]) == (model.arch, model.seed,
+                                                                   model.epochs)
+        gen = load_generator(WEIGHTS_DIR / f"{model.name}.safetensors", arch=model.arch,
+                             arch_options=GEN_OPTIONS).model
+        variances = [m.running_var for m in gen.modules()
+                     if isinstance(m, torch.nn.BatchNorm2d)]
+        assert variances and not any(torch.allclose(v, torch.ones_like(v)) for v in variances)
+    twins = [m for m in DEMO_MODELS if m.arch == "dcgan"]
+    assert len({m.seed for m in twins}) == 2  # Table 2: the same architecture, another seed
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Debian's dataset-fashion-mnist is not installed "
+                                          "(CI installs it)")
+def test_demo_end_to_end_and_resume(tmp_path):
+    tiny = DemoSettings(n_train=64, n_val=200, n_test=32, zbar_samples=256, epochs=1,
+                        max_iter=5)
+    out = tmp_path / "demo"
+    results = run_demo(out, settings=tiny, progress=False)
+    assert set(results["methods"]) == set(METHODS)
+    for m in results["methods"].values():
+        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["auc"] <= 1.0
+        assert m["pairs"] == len(FAMILIES) * len(FAMILIES)  # each G vs real and 3 other Gs
+    assert {(p["model"], p["other"]) for p in results["table2"]["pairs"]} == {
+        ("dcgan", "dcgan_seed1")}
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["methods"] == results["methods"]
+    for g in FAMILIES:
+        assert (out / f"fig4_{g}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for method in METHODS:
+            assert (out / f"hist_{method}_{g}.png").is_file()
+    assert "Table 2" in (out / "tables.md").read_text()
+    # PNG round trip: every generated set went through 8-bit files
+    assert len(list((out / "work" / "samples" / "dcgan" / "val").glob("*.png"))) == 200
+
+    again = run_demo(out, settings=tiny, progress=False)  # everything reused, nothing refitted
+    assert again["pairs"] == results["pairs"]
+    with pytest.raises(ValueError, match="other settings"):
+        run_demo(out, settings=tiny._replace(epochs=2), progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a demo folder"):
+        run_demo(tmp_path / "other", settings=tiny, progress=False)
