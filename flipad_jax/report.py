@@ -116,7 +116,8 @@ def feature_figure(path, zbar: np.ndarray, means: Mapping[str, np.ndarray],
     """
     from PIL import Image, ImageDraw
 
-    columns = [("z̄ (zbar)", np.asarray(zbar))] + [(k, np.asarray(v)) for k, v in means.items()]
+    # "zbar", not z̄: Pillow's default font has no combining macron.
+    columns = [("zbar", np.asarray(zbar))] + [(k, np.asarray(v)) for k, v in means.items()]
     label_w, head_h, pad = 70, 34, 6
     width = label_w + len(columns) * (cell + pad)
     height = head_h + len(channels) * (cell + pad) + 4
@@ -187,5 +188,5 @@ def histogram_figure(path, scores: Mapping[str, np.ndarray], thresholds: Mapping
         x = x_of(t)
         for y in range(top_m, top_m + ph, 8):
             draw.line([x, y, x, min(y + 4, top_m + ph)], fill="black", width=1)
-        draw.text((x + 3, top_m + 2 + 12 * m), f"τ@{fnr:g}", fill="black", font=font)
+        draw.text((x + 3, top_m + 2 + 12 * m), f"tau@{fnr:g}", fill="black", font=font)
     return save_png(img, path)
