@@ -76,6 +76,20 @@ def test_shipped_weights_are_trained_and_recorded():
     assert len({m.seed for m in twins}) == 2  # Table 2: the same architecture, another seed
 
 
+def test_generators_of_one_architecture_never_share_initial_weights():
+    """DCGAN, WGAN-GP and EBGAN share the generator layers; from one seed they would start from
+    the same weights and stay close after a few epochs, unlike independently trained models."""
+    def shapes(model):
+        gen = build_generator(model.arch, options=GEN_OPTIONS)
+        return tuple(tuple(p.shape) for p in gen.parameters())
+
+    by_shapes = {}
+    for model in DEMO_MODELS:
+        by_shapes.setdefault(shapes(model), []).append(model.seed)
+    for seeds in by_shapes.values():
+        assert len(seeds) == len(set(seeds)), seeds
+
+
 @pytest.mark.skipif(not HAVE_DATA, reason="Debian's dataset-fashion-mnist is not installed "
                                           "(CI installs it)")
 def test_demo_end_to_end_and_resume(tmp_path):
