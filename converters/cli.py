@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flipad_jax.cli import _key_value
+from flipad_jax.cli import key_value, subparser
 
 ARCH_NAMES = "dcgan, wgangp, ebgan, lsgan, medigan_dcgan, klwgan, sd_vae_last"
 
@@ -60,7 +60,7 @@ def _common(p: argparse.ArgumentParser, batch_size: str) -> None:
                    "--arch, TorchScript file, or torch.export program (.pt2)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
     p.add_argument("--arch", metavar="NAME", help=f"architecture of a weights file: {ARCH_NAMES}")
-    p.add_argument("--arch-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+    p.add_argument("--arch-opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="architecture option (repeatable), e.g. nc=1, image_size=32, nz=100")
     p.add_argument("--latent-shape", type=_ints, metavar="D,...",
                    help="per-sample latent shape, e.g. 100,1,1 (default: from the architecture)")
@@ -124,12 +124,11 @@ def _run_sample(args) -> int:
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``flipad convert`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "convert", help="PyTorch generator -> verified head bundle",
+    p = subparser(
+        subparsers, "convert", CONVERT_EXAMPLES, help="PyTorch generator -> verified head bundle",
         description="Find the generator's last linear layer and its activation by tracing a "
         "forward pass, compute the mean activation zbar, check that the JAX head reproduces the "
-        "generator's images, and write the head bundle (head.safetensors + head.json).",
-        epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "generator's images, and write the head bundle (head.safetensors + head.json).")
     _common(p, batch_size="default 128 with --bn-mode train, else 500")
     p.add_argument("--samples", type=int, default=10000,
                    help="latents for zbar (default 10000)")
@@ -145,11 +144,10 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``flipad sample`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "sample", help="write N samples of a PyTorch generator",
+    p = subparser(
+        subparsers, "sample", SAMPLE_EXAMPLES, help="write N samples of a PyTorch generator",
         description="Write samples (latents START..START+N-1 of SEED, recorded in samples.json) "
-        "as quantised PNGs ({index:06d}.png) or one full-precision samples.npy.",
-        epilog=SAMPLE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "as quantised PNGs ({index:06d}.png) or one full-precision samples.npy.")
     _common(p, batch_size="default 500, the reference's")
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--start", type=int, default=0, help="index of the first latent (default 0)")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -243,12 +242,14 @@ examples:
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``flipad demo`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "demo", help="the whole method on the embedded Fashion-MNIST GANs, with the paper's tables",
+    from flipad_jax.cli import subparser
+
+    p = subparser(
+        subparsers, "demo", DEMO_EXAMPLES,
+        help="the whole method on the embedded Fashion-MNIST GANs, with the paper's tables",
         description="Convert the shipped generators, sample PNG train/val/test sets, fit FLIPAD, "
                     "RawPAD and DCTPAD detectors for each G, print Table-1 and Table-2 style "
-                    "tables and write a report folder (tables, results.json, figures).",
-        epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "tables and write a report folder (tables, results.json, figures).")
     p.add_argument("--out", default="flipad-demo", help="report folder (default flipad-demo)")
     p.add_argument("--quick", action="store_true", help="smaller sets and shorter training")
     p.add_argument("--retrain", action="store_true", help="retrain the GANs instead of using "

@@ -36,14 +36,14 @@ examples:
 """
 
 
-def _subparser(subparsers, name: str, examples: str, **kwargs):
+def subparser(subparsers, name: str, examples: str, **kwargs):
     """A subcommand's parser with its examples printed verbatim after the options."""
     return subparsers.add_parser(name, epilog=examples,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
 def _add_invert_parser(subparsers):
-    p = _subparser(
+    p = subparser(
         subparsers, "invert", INVERT_EXAMPLES,
         help="FLIPAD features of images with a head bundle (no torch needed)",
         description="Solve the final-layer lasso for every image; write the activations (.npy) "
@@ -101,7 +101,7 @@ def _run_invert(args) -> int:
 METHOD_NAMES = {"flipad": "FLIPAD", "raw": "RawPAD", "dct": "DCTPAD"}
 
 
-def _key_value(text: str) -> tuple:
+def key_value(text: str) -> tuple:
     """``KEY=VALUE`` with VALUE read as JSON where it parses (16, [8, 8], 0.5), else a string."""
     import json
 
@@ -172,7 +172,7 @@ examples:
 
 
 def _add_fit_parser(subparsers):
-    p = _subparser(
+    p = subparser(
         subparsers, "fit", FIT_EXAMPLES,
         help="fit a FLIPAD / RawPAD / DCTPAD detector on G's and other samples",
         description="Train DeepSAD on features of G's samples (inliers) against other samples, "
@@ -205,7 +205,7 @@ def _add_fit_parser(subparsers):
     p.add_argument("--crop", type=_optional_int, default=32,
                    help="DCTPAD: centre crop ('none': the whole image)")
     p.add_argument("--network", help="DeepSAD network (default: chosen from the feature shape)")
-    p.add_argument("--network-opt", action="append", type=_key_value, default=[],
+    p.add_argument("--network-opt", action="append", type=key_value, default=[],
                    metavar="KEY=VALUE", help="network option (repeatable), e.g. rep_dim=32, "
                                              "widths=[8,8,8]")
     p.add_argument("--top-k", type=int, help="keep the k most different channels")
@@ -290,7 +290,7 @@ examples:
 
 
 def _add_score_parser(subparsers):
-    p = _subparser(
+    p = subparser(
         subparsers, "score", SCORE_EXAMPLES,
         help="score images with a detector, streamed to CSV or JSONL (resumable)",
         description="Write one row per input image: its path (file.npy[i] for array rows), its "
@@ -341,7 +341,7 @@ examples:
 
 
 def _add_evaluate_parser(subparsers):
-    p = _subparser(
+    p = subparser(
         subparsers, "evaluate", EVALUATE_EXAMPLES,
         help="accuracy and AUC of a detector against other sources (paper's table)",
         description="Score G's test samples and each other source; print accuracy at each "
