@@ -104,7 +104,8 @@ def _samples(weights: Path, work: Path, name: str, split: str, n: int, output_ra
 
 
 def _real(settings: DemoSettings, data) -> dict:
-    from flipad_jax.datasets import fashion_mnist, to_unit_range
+    from flipad_jax.datasets import fashion_mnist
+    from flipad_jax.images import pixels_to_range
 
     images = fashion_mnist("test", 32, data)
     need = settings.n_train + settings.n_test
@@ -112,7 +113,7 @@ def _real(settings: DemoSettings, data) -> dict:
         raise ValueError(f"n_train + n_test = {need}: expected at most {len(images)}, the size "
                          "of Fashion-MNIST's test split")
     order = np.random.default_rng(settings.seed).permutation(len(images))
-    x = to_unit_range(images[order[:need]])
+    x = pixels_to_range(images[order[:need]])
     return {"train": x[:settings.n_train], "test": x[settings.n_train:]}
 
 

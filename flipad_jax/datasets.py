@@ -57,7 +57,3 @@ def fashion_mnist(split: str = "train", size: int = 32, folder=None) -> np.ndarr
     images, _ = load_split(fashion_mnist_folder(folder), split)
     return resize_images(images, size)
 
-
-def to_unit_range(pixels: np.ndarray) -> np.ndarray:
-    """uint8 pixels → float32 in [−1, 1] (the tanh generators' range): p/127.5 − 1."""
-    return (pixels.astype(np.float32) / 127.5 - 1.0).astype(np.float32)

@@ -143,6 +143,11 @@ def _to_range(pixels: np.ndarray, output_range, path: str, rows: Optional[list])
     if output_range is None:
         raise ValueError(f"{path}: 8-bit pixels need the generator's output range, and this "
                          "head has none (an identity head); pass float arrays instead")
+    return pixels_to_range(pixels, output_range)
+
+
+def pixels_to_range(pixels: np.ndarray, output_range=(-1.0, 1.0)) -> np.ndarray:
+    """uint8 pixels p → float32 ``low + p/255 · (high − low)``: how an 8-bit image decodes."""
     low, high = map(float, output_range)
     return (low + pixels.astype(np.float32) / 255.0 * (high - low)).astype(np.float32)
 

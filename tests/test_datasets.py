@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from flipad_jax.datasets import (DEFAULT_FASHION_MNIST, fashion_mnist, fashion_mnist_folder,
-                                 resize_images, to_unit_range)
+                                 resize_images)
+from flipad_jax.images import pixels_to_range
 from tests.test_idx import _idx_bytes
 
 
@@ -53,9 +54,9 @@ def test_refusals_name_the_value(tmp_path, monkeypatch):
         fashion_mnist_folder()
 
 
-def test_unit_range_is_the_png_decoding():
+def test_pixels_decode_to_the_tanh_range():
     p = np.arange(256, dtype=np.uint8)
-    x = to_unit_range(p)
+    x = pixels_to_range(p)
     assert x[0] == -1.0 and x[-1] == 1.0 and x.dtype == np.float32
     np.testing.assert_allclose(x, p / 127.5 - 1.0, atol=1e-7)
 
