@@ -21,7 +21,6 @@ work without it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 SRC_HELP = ("a folder of images, a glob pattern (quote it) or an .npy array (B, C, H, W): uint8 "
@@ -63,11 +62,11 @@ def _add_invert_parser(subparsers):
 
 def _run_invert(args) -> int:
     import json
-    import tempfile
     from pathlib import Path
 
     import numpy as np
 
+    from flipad_jax._files import atomic_file
     from flipad_jax.features import invert_in_batches
     from flipad_jax.head import Head
     from flipad_jax.images import load_images
@@ -83,14 +82,11 @@ def _run_invert(args) -> int:
                     objective=float(res["objective"][i]), gap=float(res["gap"][i]),
                     status=int(res["status"][i]), clipped=int(res["clipped"][i]))
                for i in range(len(images))]
-    # Each file is written whole in a temporary folder beside it, then moved into place.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        np.save(Path(tmp) / out.name, res["z"])
-        (Path(tmp) / out.with_suffix(".json").name).write_text(
-            json.dumps(dict(lam=args.lam, mode=args.mode, samples=samples)))
-        os.replace(Path(tmp) / out.with_suffix(".json").name, out.with_suffix(".json"))
-        os.replace(Path(tmp) / out.name, out)
+    # Both files are written whole beside their targets before either is moved into place.
+    with atomic_file(out.with_suffix(".json")) as tmp_json, \
+            atomic_file(out, suffix=".npy") as tmp_npy:
+        np.save(tmp_npy, res["z"])
+        tmp_json.write_text(json.dumps(dict(lam=args.lam, mode=args.mode, samples=samples)))
     not_converged = sum(d["status"] != 0 for d in samples)
     print(f"wrote {out} ({len(samples)} samples, {not_converged} not converged)")
     return 0

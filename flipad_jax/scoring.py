@@ -33,6 +33,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from flipad_jax._files import atomic_file
 from flipad_jax.images import ImageRef, read_images
 
 PARTIAL_SUFFIX = ".partial"
@@ -295,9 +296,8 @@ class PartialOutput:
             os.ftruncate(self.fd, 0)  # --overwrite: another run's rows are discarded
             size = 0
         if saved != self.sidecar:
-            tmp = self.sidecar_path.with_name(self.sidecar_path.name + ".tmp")
-            tmp.write_text(json.dumps(self.sidecar, indent=1, sort_keys=True))
-            os.replace(tmp, self.sidecar_path)
+            with atomic_file(self.sidecar_path) as tmp:
+                tmp.write_text(json.dumps(self.sidecar, indent=1, sort_keys=True))
             _fsync_dir(self.partial.parent)
         header = self.fmt.header()
         names, keep = [], 0
