@@ -38,6 +38,8 @@ METHODS = {"flipad": "flipad", "rawpad": "raw", "dctpad": "dct"}
 FAMILIES = ("dcgan", "wgangp", "lsgan", "ebgan")
 TWINS = {"dcgan": "dcgan_seed1"}  # Table 2: G against its other-seed twin
 REAL = "real"
+TABLE1 = "Table 1 (G vs real and every other G′)"
+TABLE2 = "Table 2 (G vs its other-seed twin)"
 # LeNet widths for the 32×32 grey demo data; the reference's are 32, 64, 128 for 3×32×32 pixels
 # and 128, 256, 128 for 64×32×32 features (1/4 to 1/8 of those keeps a fit to seconds on a CPU).
 NETWORK_WIDTHS = {"flipad": (16, 32, 32), "raw": (8, 16, 32), "dct": (8, 16, 32)}
@@ -181,7 +183,6 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
     _stage(timings, "sample", t)
 
     table1, table2 = [], []
-    test_sources = [REAL] + names
     for g in FAMILIES:
         for method, kind in METHODS.items():
             label = f"{method} {g}"
@@ -197,19 +198,21 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
                 det.fit(images[g]["train"], images[REAL]["train"], images[g]["val"])
                 det.save(det_dir)
             _stage(timings, f"fit {method}", t)
+            # G, then every G′ of Table 1, then G's twin (Table 2) if it has one: only the
+            # twin of G is inverted through G's head.
+            others = [REAL] + [f for f in FAMILIES if f != g]
+            shown = [g] + others + ([TWINS[g]] if g in TWINS else [])
             t = time.perf_counter()
-            feats = {s: det.features(images[s]["test"]) for s in test_sources}
+            feats = {s: det.features(images[s]["test"]) for s in shown}
             scores = {s: det.score(f, precomputed=True) for s, f in feats.items()}
             _stage(timings, f"score {method}", t)
-            others = {s: scores[s] for s in [REAL] + [f for f in FAMILIES if f != g]}
-            for rec in metrics.evaluate(scores[g], others, det.thresholds_):
+            for rec in metrics.evaluate(scores[g], {s: scores[s] for s in others},
+                                        det.thresholds_):
                 table1.append({"method": method, "model": g, **rec})
             if g in TWINS:
                 for rec in metrics.evaluate(scores[g], {TWINS[g]: scores[TWINS[g]]},
                                             det.thresholds_):
                     table2.append({"method": method, "model": g, **rec})
-            shown = [g, REAL] + [f for f in FAMILIES if f != g] + ([TWINS[g]] if g in TWINS
-                                                                   else [])
             report.histogram_figure(out / f"hist_{method}_{g}.png", {s: scores[s] for s in shown},
                                     det.thresholds_, title=f"{method} detector of {g}: "
                                                            "test scores per source")
@@ -217,7 +220,7 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
                 channels = top_channels(feats[g], feats[REAL], 3)
                 zbar = np.asarray(max_pool_to(heads[g].zbar[None], settings.pool_to))[0]
                 report.feature_figure(out / f"fig4_{g}.png", zbar,
-                                      {s: feats[s].mean(axis=0) for s in shown[:len(FAMILIES) + 1]},
+                                      {s: feats[s].mean(axis=0) for s in [g] + others},
                                       channels, title=f"{g}: mean inverted features per source, "
                                                       "top channels (G vs real)")
 
@@ -225,8 +228,7 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
                "table2": {"methods": report.summarize(table2), "pairs": table2},
                "settings": settings._asdict(), "timings_s": timings,
                "weights": str(weights), "data": "Fashion-MNIST (real: test split)"}
-    sections = {"Table 1 (G vs real and every other G′)": table1,
-                "Table 2 (G vs its other-seed twin)": table2}
+    sections = {TABLE1: table1, TABLE2: table2}
     report.write_text(out / "tables.md", report.tables_markdown(sections, DEFAULT_FNRS))
     report.write_json(out / "tables.json", {"table1": table1, "table2": table2})
     report.write_json(out / "results.json", results)
@@ -235,8 +237,8 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
 
 DEMO_EXAMPLES = """\
 examples:
-  flipad demo --quick                 # about 3 minutes on 2 CPU cores
-  flipad demo --out flipad-demo       # the full demo (2000 / 1000 / 1000 samples)
+  flipad demo --quick                 # about 2 minutes on 2 CPU cores
+  flipad demo --out flipad-demo       # the full demo (1000 / 1000 / 1000 samples, ~12 min)
   flipad demo --retrain --out demo2   # retrain the five GANs first (tens of minutes on a CPU)
 """
 
@@ -270,9 +272,7 @@ def _run_demo(args) -> int:
     start = time.perf_counter()
     results = run_demo(args.out, quick=args.quick, retrain=args.retrain, data=args.data,
                        weights=args.weights, overwrite=args.overwrite, progress=not args.quiet)
-    tables = json.loads((Path(args.out) / "tables.json").read_text())
-    print(report.tables_markdown({"Table 1 (G vs real and every other G′)": tables["table1"],
-                                  "Table 2 (G vs its other-seed twin)": tables["table2"]},
+    print(report.tables_markdown({TABLE1: results["pairs"], TABLE2: results["table2"]["pairs"]},
                                  per_pair=False))
     for method, m in results["methods"].items():
         print(f"{method}: accuracy {100 * m['accuracy']:.2f}%, AUC {100 * m['auc']:.2f}% "
