@@ -181,7 +181,8 @@ def bench_one(name, batch, device, ref_iters):
         per_iter = warm / max(int(res.iterations.max()), 1)
 
     paper = lambda: fj.solve_lasso(problem["op"], o, LAM, anchor=problem["zbar"],  # noqa: E731
-                                   mode="paper", max_iter=ref_k, tol=0.0)
+                                   options=fj.LassoOptions.paper(problem["op"]),
+                                   max_iter=ref_k, tol=0.0)
     paper()
     paper_res, paper_s = timed(paper)
     row["ours_paper_mode"] = dict(seconds=paper_s, iterations=ref_k,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flipad_jax.cli import key_value, subparser
+from flipad_jax._argparse import add_output_flags, key_value, subparser
 
 ARCH_NAMES = "dcgan, wgangp, ebgan, lsgan, medigan_dcgan, klwgan, sd_vae_last"
 
@@ -74,8 +74,7 @@ def _common(p: argparse.ArgumentParser, batch_size: str) -> None:
                    help="range of the images for heads without tanh/sigmoid, e.g. -1,1")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a fully pickled module: this EXECUTES code from the file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p)
 
 
 def _fail(command: str, error: Exception) -> int:

@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 
 import flipad_jax
 from flipad_jax.activations import get_activation, resolve_output_range
+from flipad_jax._checks import check_int
 from flipad_jax._files import atomic_dir, check_new_path
 from flipad_jax.bundle import Bundle, build_operator, write_bundle_files
 from flipad_jax.head import Head
-from converters.loading import load_generator
-from converters.runner import LATENT_SCHEME, Prepared, latents, prepare
+from converters.runner import LATENT_SCHEME, Prepared, latents, open_generator
 
 CHECK_TOLERANCE = {"float32": 1e-4, "float64": 1e-5}
 
@@ -36,11 +36,6 @@ class Conversion(NamedTuple):
     path: Path
     meta: dict
     seconds: float
-
-
-def _check_positive(name, value):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
 
 
 def mean_activation(prepared: Prepared, samples: int, *, seed: int, batch_size: int,
@@ -108,18 +103,17 @@ def convert(model, out, *, arch: Optional[str] = None, arch_options: Optional[di
     t0 = time.perf_counter()
     if batch_size is None:
         batch_size = 128 if bn_mode == "train" else 500
-    _check_positive("samples", samples)
-    _check_positive("batch_size", batch_size)
-    _check_positive("check_samples", check_samples)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed={seed!r}: expected an int >= 0")
+    for name, value in (("samples", samples), ("batch_size", batch_size),
+                        ("check_samples", check_samples)):
+        check_int(name, value)
+    check_int("seed", seed, minimum=0)
     if check_dtype not in CHECK_TOLERANCE:
         raise ValueError(f"check_dtype={check_dtype!r}: expected one of {list(CHECK_TOLERANCE)}")
     out = check_new_path(out, overwrite=overwrite)
-    source = load_generator(model, arch=arch, arch_options=arch_options,
-                            trust_pickle=trust_pickle)
-    prepared = prepare(source, latent_shape=latent_shape, bn_mode=bn_mode, device=device,
-                       layer=layer, trace_seed=seed)
+    source, prepared = open_generator(model, arch=arch, arch_options=arch_options,
+                                      trust_pickle=trust_pickle, latent_shape=latent_shape,
+                                      bn_mode=bn_mode, device=device, layer=layer,
+                                      trace_seed=seed)
     head = prepared.head
     out_range = _output_range(head.activation, output_range, source)
     zbar, (check_z, check_x, check_in) = mean_activation(

@@ -34,6 +34,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from flipad_jax.features import FeatureConfig
+
 METHODS = {"flipad": "flipad", "rawpad": "raw", "dctpad": "dct"}
 FAMILIES = ("dcgan", "wgangp", "lsgan", "ebgan")
 TWINS = {"dcgan": "dcgan_seed1"}  # Table 2: G against its other-seed twin
@@ -54,7 +56,7 @@ class DemoSettings(NamedTuple):
     n_test: int
     zbar_samples: int
     epochs: int
-    lam: float = 5e-4
+    lam: float = FeatureConfig.lam
     tol: float = 1e-2
     max_iter: int = 2000
     pool_to: int = 16
@@ -120,15 +122,19 @@ def _real(settings: DemoSettings, data) -> dict:
 
 
 def _detector(kind: str, head, settings: DemoSettings, progress: bool):
+    from flipad_jax.deepsad import DeepSADConfig
     from flipad_jax.detector import Detector
+    from flipad_jax.lasso import LassoOptions
 
-    return Detector(kind, head=head if kind == "flipad" else None,
-                    network_kwargs=dict(widths=NETWORK_WIDTHS[kind], rep_dim=settings.rep_dim),
-                    epochs=settings.epochs,
-                    lr_milestones=(settings.epochs // 2, settings.epochs),  # paper: 25, 50
-                    lam=settings.lam, pool_to=settings.pool_to, size=32, crop=32,
-                    invert_kwargs=dict(tol=settings.tol, max_iter=settings.max_iter),
-                    seed=settings.seed, progress=progress)
+    features = FeatureConfig(kind, lam=settings.lam, pool_to=settings.pool_to, size=32, crop=32,
+                             lasso=LassoOptions(tol=settings.tol, max_iter=settings.max_iter))
+    training = DeepSADConfig(network_kwargs=dict(widths=NETWORK_WIDTHS[kind],
+                                                 rep_dim=settings.rep_dim),
+                             epochs=settings.epochs,
+                             lr_milestones=(settings.epochs // 2, settings.epochs),  # paper: 25, 50
+                             seed=settings.seed)
+    return Detector(features, training=training, head=head if kind == "flipad" else None,
+                    progress=progress)
 
 
 def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
@@ -245,7 +251,7 @@ examples:
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``flipad demo`` on an argparse subparsers object."""
-    from flipad_jax.cli import subparser
+    from flipad_jax._argparse import add_output_flags, subparser
 
     p = subparser(
         subparsers, "demo", DEMO_EXAMPLES,
@@ -260,8 +266,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", help="Fashion-MNIST IDX folder (default: $FLIPAD_FASHION_MNIST or "
                    "Debian's /usr/share/datasets/fashion-mnist)")
     p.add_argument("--weights", help="folder of demo generator weights (default: shipped)")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_flags(p, "discard an earlier run in --out")
     p.set_defaults(func=_run_demo)
     return p
 

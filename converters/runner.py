@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from converters.loading import Source
+from converters.loading import Source, load_generator
 from converters.trace import (HeadLayer, export_fixed_batch, run_chunked, trace_graph,
                               trace_module)
 
@@ -156,3 +156,18 @@ def prepare(source: Source, *, latent_shape=None, bn_mode: str = "eval", device=
                          "program is checked in its own dtype (check_dtype='float32')")
 
     return Prepared(head, probe, generate, shape, "as_exported", device, dtype, to_float64)
+
+
+def open_generator(model, *, arch: Optional[str] = None, arch_options: Optional[dict] = None,
+                   trust_pickle: bool = False, trace=True, **prepare_kwargs
+                   ) -> tuple[Source, Prepared]:
+    """Load a generator (:func:`converters.loading.load_generator`) and :func:`prepare` it.
+
+    ``trace`` is a bool, or a function of the loaded :class:`Source` that decides whether the
+    head must be traced; ``prepare_kwargs`` go to :func:`prepare`.
+    """
+    source = load_generator(model, arch=arch, arch_options=arch_options,
+                            trust_pickle=trust_pickle)
+    return source, prepare(source, trace=trace(source) if callable(trace) else trace,
+                           **prepare_kwargs)
+

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 import flipad_jax
 from flipad_jax.activations import get_activation
+from flipad_jax._checks import check_int
 from flipad_jax._files import atomic_dir, check_new_path
-from converters.loading import load_generator
-from converters.runner import LATENT_SCHEME, latents, prepare
+from converters.runner import LATENT_SCHEME, latents, open_generator
 
 FORMATS = ("png", "npy")
 SAMPLES_FILE = "samples.json"
@@ -77,18 +77,16 @@ def sample(model, n: int, out, *, arch: Optional[str] = None,
     """
     for name, value, minimum in (("n", n, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
                                  ("start", start, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+        check_int(name, value, minimum=minimum)
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r}: expected one of {FORMATS}")
     out = check_new_path(out, overwrite=overwrite)
-    source = load_generator(model, arch=arch, arch_options=arch_options,
-                            trust_pickle=trust_pickle)
     # The head is traced only to learn the output range; sampling itself needs no invertible head.
-    need_head = fmt == "png" and output_range is None and \
-        getattr(source.model, "output_range", None) is None
-    prepared = prepare(source, latent_shape=latent_shape, bn_mode=bn_mode, device=device,
-                       trace=need_head, trace_seed=seed)
+    source, prepared = open_generator(
+        model, arch=arch, arch_options=arch_options, trust_pickle=trust_pickle,
+        latent_shape=latent_shape, bn_mode=bn_mode, device=device, trace_seed=seed,
+        trace=lambda source: fmt == "png" and output_range is None and
+        getattr(source.model, "output_range", None) is None)
     out_range = _resolve_range(prepared, output_range, source.model)
     if fmt == "png" and out_range is None:
         raise ValueError("fmt='png' needs the images' output range: pass --output-range low,high "

@@ -6,6 +6,8 @@ expected, so bad input is stopped at the boundary instead of surfacing as a NaN 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import jax.numpy as jnp
 
@@ -21,11 +23,30 @@ def as_pair(name: str, value, *, minimum: int) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def check_int(name: str, value, *, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """An int (Python or NumPy, not bool) in [minimum, maximum], as a Python int."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not ok or value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name}={value!r}: expected an int >= {minimum}{upper}")
+    return int(value)
+
+
 def check_floating(name: str, x) -> None:
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name} has dtype {dtype}: expected a floating dtype "
                          "(float32 or float64)")
+
+
+def check_batch(name: str, x, sample_shape, what: str):
+    """``x`` as a floating batch ``(B, *sample_shape)``; ``what`` names where the shape comes
+    from in the error message. Returns x."""
+    if jnp.ndim(x) != len(sample_shape) + 1 or tuple(jnp.shape(x)[1:]) != tuple(sample_shape):
+        raise ValueError(f"{name} has shape {jnp.shape(x)}: expected (B, "
+                         f"{', '.join(map(str, sample_shape))}) ({what})")
+    check_floating(name, x)
+    return x
 
 
 def check_finite(name: str, x) -> None:

@@ -23,6 +23,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flipad_jax._argparse import add_output_flags, key_value, optional_int, subparser
+from flipad_jax.deepsad import DeepSADConfig
+from flipad_jax.features import FeatureConfig
+
+# The CLI's defaults are the settings objects' (the paper's), read from one place.
+_FEATURES, _TRAINING = FeatureConfig(), DeepSADConfig()
+
 SRC_HELP = ("a folder of images, a glob pattern (quote it) or an .npy array (B, C, H, W): uint8 "
             "pixels, or floats in the generator's output range")
 
@@ -35,12 +42,6 @@ examples:
 """
 
 
-def subparser(subparsers, name: str, examples: str, **kwargs):
-    """A subcommand's parser with its examples printed verbatim after the options."""
-    return subparsers.add_parser(name, epilog=examples,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-
-
 def _add_invert_parser(subparsers):
     p = subparser(
         subparsers, "invert", INVERT_EXAMPLES,
@@ -50,12 +51,15 @@ def _add_invert_parser(subparsers):
     p.add_argument("bundle", help="head bundle folder written by `flipad convert`")
     p.add_argument("images", help=SRC_HELP)
     p.add_argument("--out", required=True, help="output .npy file (written atomically)")
-    p.add_argument("--lam", type=float, default=5e-4, help="λ of the lasso (default 5e-4)")
-    p.add_argument("--mode", choices=["fast", "paper"], default="fast")
+    p.add_argument("--lam", type=float, default=_FEATURES.lam,
+                   help=f"λ of the lasso (default {_FEATURES.lam:g})")
+    p.add_argument("--mode", choices=["fast", "paper"], default="fast",
+                   help="solver settings: ours (LassoOptions()) or the reference's "
+                        "(LassoOptions.paper)")
     p.add_argument("--max-iter", type=int, default=None)
     p.add_argument("--tol", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_invert)
     return p
 
@@ -67,27 +71,28 @@ def _run_invert(args) -> int:
     import numpy as np
 
     from flipad_jax._files import atomic_file
-    from flipad_jax.features import invert_in_batches
     from flipad_jax.head import Head
     from flipad_jax.images import load_images
+    from flipad_jax.lasso import LassoOptions
 
     out = Path(args.out if args.out.endswith(".npy") else args.out + ".npy")
     head = Head.load(args.bundle)
     images = load_images(args.images, head.output_range, shape=head.out_shape,
                          shape_from="(the head's output)")
-    res = invert_in_batches(head, images, lam=args.lam, batch_size=args.batch_size,
-                            progress=not args.quiet, mode=args.mode,
-                            max_iter=args.max_iter, tol=args.tol)
-    samples = [dict(index=i, iterations=int(res["iterations"][i]),
-                    objective=float(res["objective"][i]), gap=float(res["gap"][i]),
-                    status=int(res["status"][i]), clipped=int(res["clipped"][i]))
+    options = LassoOptions.paper(head.op) if args.mode == "paper" else LassoOptions()
+    changes = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol)) if v is not None}
+    res = head.invert_batches(images, args.lam, batch_size=args.batch_size,
+                              progress=not args.quiet, options=options.replace(**changes))
+    samples = [dict(index=i, iterations=int(res.iterations[i]),
+                    objective=float(res.objective[i]), gap=float(res.gap[i]),
+                    status=int(res.status[i]), clipped=int(res.clipped[i]))
                for i in range(len(images))]
     # Both files are written whole beside their targets before either is moved into place.
     with atomic_file(out.with_suffix(".json")) as tmp_json, \
             atomic_file(out, suffix=".npy") as tmp_npy:
-        np.save(tmp_npy, res["z"])
+        np.save(tmp_npy, res.z)
         tmp_json.write_text(json.dumps(dict(lam=args.lam, mode=args.mode, samples=samples)))
-    not_converged = sum(d["status"] != 0 for d in samples)
+    not_converged = int(np.sum(~res.converged))
     print(f"wrote {out} ({len(samples)} samples, {not_converged} not converged)")
     return 0
 
@@ -95,28 +100,6 @@ def _run_invert(args) -> int:
 # -- shared helpers of fit / score / evaluate ----------------------------------------------------
 
 METHOD_NAMES = {"flipad": "FLIPAD", "raw": "RawPAD", "dct": "DCTPAD"}
-
-
-def key_value(text: str) -> tuple:
-    """``KEY=VALUE`` with VALUE read as JSON where it parses (16, [8, 8], 0.5), else a string."""
-    import json
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. rep_dim=32")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def _optional_int(text: str):
-    if text.lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an int or 'none'") from None
 
 
 def _named_source(text: str) -> tuple:
@@ -134,11 +117,11 @@ def _pixel_range(head):
 
 def _load_detector(path, bundle):
     """(detector, pixel range) from a saved detector and, for FLIPAD, its head bundle."""
-    from flipad_jax import checkpoint
     from flipad_jax.detector import Detector
+    from flipad_jax.detector_io import HeadMismatchError, read_meta
     from flipad_jax.head import Head
 
-    saved_head = checkpoint.load_meta(path).get("head")
+    saved_head = read_meta(path)["head"]
     if saved_head is not None and bundle is None:
         raise ValueError(f"{path}: a FLIPAD detector, fitted with the head of "
                          f"{(saved_head.get('source') or {}).get('file') or 'a bundle'}: expected "
@@ -146,9 +129,7 @@ def _load_detector(path, bundle):
     head = None if bundle is None else Head.load(bundle)
     try:
         detector = Detector.load(path, head=head, progress=False)
-    except ValueError as error:
-        if head is None or not str(error).startswith("head"):
-            raise
+    except HeadMismatchError as error:
         raise ValueError(f"--bundle {bundle} does not belong to the detector {path}: "
                          f"{error}") from None
     return detector, _pixel_range(head)
@@ -189,37 +170,35 @@ def _add_fit_parser(subparsers):
     p.add_argument("--fnr", action="append", type=float, metavar="FNR",
                    help="false-negative rate to fit a threshold for (repeatable; default 0.005 "
                         "and 0.05)")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=128, help="DeepSAD batch size")
-    p.add_argument("--lam", type=float, default=5e-4, help="FLIPAD: λ of the lasso")
+    p.add_argument("--epochs", type=int, default=_TRAINING.epochs)
+    p.add_argument("--lr", type=float, default=_TRAINING.lr)
+    p.add_argument("--batch-size", type=int, default=_TRAINING.batch_size,
+                   help="DeepSAD batch size")
+    p.add_argument("--lam", type=float, default=_FEATURES.lam, help="FLIPAD: λ of the lasso")
     p.add_argument("--max-iter", type=int, help="FLIPAD: solver iterations per image")
-    p.add_argument("--pool-to", type=_optional_int, default=32,
+    p.add_argument("--pool-to", type=optional_int, default=_FEATURES.pool_to,
                    help="FLIPAD: max-pool the activations to this size ('none': no pooling)")
-    p.add_argument("--size", type=_optional_int, default=32,
+    p.add_argument("--size", type=optional_int, default=_FEATURES.size,
                    help="RawPAD: resize images to this size ('none': keep)")
-    p.add_argument("--crop", type=_optional_int, default=32,
+    p.add_argument("--crop", type=optional_int, default=_FEATURES.crop,
                    help="DCTPAD: centre crop ('none': the whole image)")
     p.add_argument("--network", help="DeepSAD network (default: chosen from the feature shape)")
     p.add_argument("--network-opt", action="append", type=key_value, default=[],
                    metavar="KEY=VALUE", help="network option (repeatable), e.g. rep_dim=32, "
                                              "widths=[8,8,8]")
     p.add_argument("--top-k", type=int, help="keep the k most different channels")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int, default=_TRAINING.seed,
                    help="seed of the validation split, the network and the shuffling")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_flags(p)
     p.set_defaults(func=_run_fit)
     return p
 
 
 def _run_fit(args) -> int:
-    import numpy as np
-
     from flipad_jax._files import check_new_path
     from flipad_jax.detector import DEFAULT_FNRS, Detector
     from flipad_jax.head import Head
-    from flipad_jax.images import list_images, read_images
+    from flipad_jax.images import list_images, read_images, split_validation
     from flipad_jax.metrics import check_fnr, min_validation_samples
 
     if args.features == "flipad" and args.bundle is None:
@@ -236,18 +215,9 @@ def _run_fit(args) -> int:
                              f"least {need} (⌈1/fnr⌉ for --fnr {min(fnrs)})")
     else:
         fraction = 0.1 if args.val_fraction is None else args.val_fraction
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"--val-fraction {fraction}: expected a number in (0, 1)")
-        n_val = int(round(fraction * len(model_refs)))
-        if n_val < need or n_val == len(model_refs):
-            raise ValueError(
-                f"--model {model_src}: {len(model_refs)} images, so --val-fraction {fraction} "
-                f"holds out {n_val} for validation, expected at least {need} (⌈1/fnr⌉ for --fnr "
-                f"{min(fnrs)}) and some left to train on: pass --val SRC, more images or a "
-                "larger --val-fraction")
-        order = np.random.default_rng(args.seed).permutation(len(model_refs))
-        val_refs = [model_refs[i] for i in np.sort(order[:n_val])]
-        model_refs = [model_refs[i] for i in np.sort(order[n_val:])]
+        model_refs, val_refs = split_validation(model_refs, fraction, need=need, seed=args.seed,
+                                                what=f"--model {model_src} (--val-fraction, "
+                                                     f"⌈1/fnr⌉ for --fnr {min(fnrs)})")
     head = None if args.bundle is None else Head.load(args.bundle)
     pixels = _pixel_range(head)
     shape, shape_from = (None, "") if head is None else (head.out_shape,
@@ -258,12 +228,14 @@ def _run_fit(args) -> int:
                 progress=not args.quiet)
     x_val = read_images(val_refs, pixels, **like)
     x_other = read_images(list_images(args.other), pixels, **like)
-    detector = Detector(args.features, head=head, network=args.network,
-                        network_kwargs=dict(args.network_opt), top_k=args.top_k, fnrs=fnrs,
-                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                        lam=args.lam, pool_to=args.pool_to, size=args.size, crop=args.crop,
-                        invert_kwargs={} if args.max_iter is None else
-                        dict(max_iter=args.max_iter), seed=args.seed,
+    features = FeatureConfig(args.features, lam=args.lam, pool_to=args.pool_to, size=args.size,
+                             crop=args.crop, top_k=args.top_k,
+                             lasso=_FEATURES.lasso.replace(**({} if args.max_iter is None else
+                                                             dict(max_iter=args.max_iter))))
+    training = DeepSADConfig(network=args.network, network_kwargs=dict(args.network_opt),
+                             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             seed=args.seed)
+    detector = Detector(features, training=training, head=head, fnrs=fnrs,
                         progress=not args.quiet)
     detector.fit(x_model, x_other, x_val)
     path = detector.save(args.out, overwrite=args.overwrite)
@@ -300,9 +272,7 @@ def _add_score_parser(subparsers):
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="score part K (from 0) of N contiguous parts of the sorted inputs")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing OUT (and discard another run's OUT.partial)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p, "replace an existing OUT (and discard another run's OUT.partial)")
     p.set_defaults(func=_run_score)
     return p
 
@@ -353,17 +323,14 @@ def _add_evaluate_parser(subparsers):
     p.add_argument("--method-name", help="row label (default: FLIPAD, RawPAD or DCTPAD)")
     p.add_argument("--model-name", default="G", help="name of G in the table (default G)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_flags(p)
     p.set_defaults(func=_run_evaluate)
     return p
 
 
 def _run_evaluate(args) -> int:
-    import json
-
     from flipad_jax import scoring
-    from flipad_jax._files import atomic_dir, check_new_path
+    from flipad_jax._files import check_new_path
     from flipad_jax.images import list_images
     from flipad_jax.metrics import evaluate
 
@@ -387,21 +354,16 @@ def _run_evaluate(args) -> int:
     method = args.method_name or METHOD_NAMES[detector.feature_config.kind]
     records = [dict(rec, method=method, model=args.model_name)
                for rec in evaluate(s_model, scores, detector.thresholds_)]
-    from flipad_jax.report import tables_markdown
+    from flipad_jax.report import evaluation_report
 
-    table = tables_markdown({f"{method} detector of {args.model_name}": records},
-                            sorted(detector.thresholds_))
+    table, written = evaluation_report(
+        records, detector.thresholds_, out=args.out, overwrite=args.overwrite,
+        title=f"{method} detector of {args.model_name}",
+        meta=dict(detector=str(args.detector), method=method, model=args.model_name,
+                  sources=dict([(args.model_name, args.model)] + list(args.other)),
+                  counts={name: len(refs) for name, refs in sources.items()}))
     print(table)
-    if args.out is not None:
-        report = dict(detector=str(args.detector), method=method, model=args.model_name,
-                      thresholds={f"{f:g}": t for f, t in sorted(detector.thresholds_.items())},
-                      sources=dict([(args.model_name, args.model)] +
-                                   [(name, src) for name, src in args.other]),
-                      counts={name: len(refs) for name, refs in sources.items()},
-                      records=records)
-        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-            (tmp / "table.md").write_text(table + "\n")
-            (tmp / "records.json").write_text(json.dumps(report, indent=2) + "\n")
+    if written:
         print(f"wrote {args.out}/table.md and records.json")
     return 0
 

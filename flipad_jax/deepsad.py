@@ -28,6 +28,7 @@ device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -39,7 +40,7 @@ import optax
 from flax import linen as nn
 from tqdm.auto import tqdm
 
-from flipad_jax._checks import check_finite, check_floating
+from flipad_jax._checks import check_finite, check_floating, check_int
 from flipad_jax.sharding import map_batches
 
 DIST_EPS = 1e-6  # added to d before the power ỹ (the reference's ``eps``)
@@ -176,8 +177,7 @@ def train_deepsad(net: nn.Module, x, semi_targets, *, key, epochs: int = 50, lr:
     n = x.shape[0]
     y = jnp.asarray(check_semi_targets(semi_targets, n))
     check_finite("x", x)
-    if not (isinstance(epochs, (int, np.integer)) and epochs >= 1):
-        raise ValueError(f"epochs={epochs!r}: expected an int >= 1")
+    check_int("epochs", epochs)
     if not (isinstance(batch_size, (int, np.integer)) and 1 <= batch_size <= n):
         raise ValueError(f"batch_size={batch_size!r}: expected an int in [1, {n}] (the number "
                          "of training samples; the last partial batch is dropped)")
@@ -250,6 +250,92 @@ def _epoch_batches(key, n, n_batches, batch_size):
     return jax.random.permutation(key, n)[:n_batches * batch_size].reshape(n_batches, batch_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class DeepSADConfig:
+    """DeepSAD's network and training settings, with the paper's defaults (App. G.7, the
+    reference's image launchers); JSON-able (saved with a detector).
+
+    Attributes:
+      network: a name of :data:`flipad_jax.networks.ARCHITECTURES`; None: chosen from the input
+        shape (:func:`~flipad_jax.networks.default_network`).
+      network_kwargs: overrides for the network (e.g. ``rep_dim``, ``widths``).
+      epochs, lr, lr_milestones, lr_gamma, weight_decay, batch_size, eta, center_eps: training,
+        see :func:`train_deepsad` (tabular in the reference: lr 1e-3, 100 epochs, milestones
+        25, 50).
+      seed: seed of the network initialisation and the shuffling.
+      score_batch_size: batch size of scoring (sharded over local devices).
+    """
+
+    network: Optional[str] = None
+    network_kwargs: dict = dataclasses.field(default_factory=dict)
+    epochs: int = 50
+    lr: float = 5e-4
+    lr_milestones: tuple = (25, 50, 100)
+    lr_gamma: float = 0.1
+    weight_decay: float = 5e-7
+    batch_size: int = 128
+    eta: float = 1.0
+    center_eps: float = 0.1
+    seed: int = 0
+    score_batch_size: int = 1024
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
+        # JSON gives lists where Python code wrote tuples: one canonical form, so a loaded
+        # config equals the one saved.
+        object.__setattr__(self, "network_kwargs", {
+            k: tuple(v) if isinstance(v, list) else v for k, v in self.network_kwargs.items()})
+        check_int("epochs", self.epochs)
+        check_int("batch_size", self.batch_size)
+        check_int("score_batch_size", self.score_batch_size)
+        check_int("seed", self.seed, minimum=0)
+
+    def replace(self, **changes) -> "DeepSADConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["lr_milestones"] = list(self.lr_milestones)
+        return out
+
+    def train_kwargs(self) -> dict:
+        """The keyword arguments of :func:`train_deepsad` these settings give."""
+        return dict(epochs=self.epochs, lr=self.lr, lr_milestones=self.lr_milestones,
+                    lr_gamma=self.lr_gamma, weight_decay=self.weight_decay,
+                    batch_size=self.batch_size, eta=self.eta, center_eps=self.center_eps)
+
+
+class FittedDeepSAD(NamedTuple):
+    """What :func:`fit_deepsad` returns: the network's name and keyword arguments, the built
+    Flax module, the trained model and the training log."""
+
+    network: tuple
+    net: nn.Module
+    model: DeepSADModel
+    log: TrainLog
+
+
+def fit_deepsad(x, semi_targets, config: DeepSADConfig, *, extra_network_kwargs=None,
+                progress: bool = True) -> FittedDeepSAD:
+    """Build the network ``config`` names for inputs shaped like ``x`` and train it.
+
+    Args:
+      x: ``(n, *in_shape)`` float32 training inputs; semi_targets: ``(n,)`` +1 / −1 / 0.
+      config: :class:`DeepSADConfig`.
+      extra_network_kwargs: network keyword arguments decided at fit time (e.g. the selected
+        ``channels``), applied over the config's.
+    """
+    from flipad_jax.networks import build_network, default_network
+
+    name, kwargs = ((config.network, {}) if config.network
+                    else default_network(np.shape(x)[1:]))
+    kwargs = {**kwargs, **config.network_kwargs, **(extra_network_kwargs or {})}
+    net = build_network(name, **kwargs)
+    model, log = train_deepsad(net, x, semi_targets, key=jax.random.key(config.seed),
+                               progress=progress, **config.train_kwargs())
+    return FittedDeepSAD((name, kwargs), net, model, log)
+
+
 class DeepSAD:
     """DeepSAD as a PyOD-style estimator on arrays (features, not images).
 
@@ -259,29 +345,20 @@ class DeepSAD:
     ``score``) is ‖φ(x) − c‖², higher = more anomalous.
 
     Args:
-      network: a name of :data:`flipad_jax.networks.ARCHITECTURES`; default chosen from the
-        input shape (:func:`~flipad_jax.networks.default_network`).
-      network_kwargs: overrides for the network.
-      seed: seed of the initialisation and shuffling.
-      score_batch_size: batch size of scoring.
-      **train_kwargs: :func:`train_deepsad` settings (epochs, lr, lr_milestones, lr_gamma,
-        weight_decay, batch_size, eta, center_eps, progress).
+      config: :class:`DeepSADConfig` (default: the paper's settings).
+      progress: show a progress bar while training.
+      **overrides: fields of ``config`` to change (network, epochs, lr, ...).
 
     Fitted attributes: ``network_`` (name, kwargs), ``net_`` (the Flax module), ``model_``
     (:class:`DeepSADModel`), ``center_``, ``losses_``, ``log_`` (:class:`TrainLog`).
     """
 
-    def __init__(self, network: Optional[str] = None, network_kwargs: Optional[dict] = None,
-                 *, seed: int = 0, score_batch_size: int = 1024, **train_kwargs):
-        self.network = network
-        self.network_kwargs = dict(network_kwargs or {})
-        self.seed = seed
-        self.score_batch_size = score_batch_size
-        self.train_kwargs = train_kwargs
+    def __init__(self, config: Optional[DeepSADConfig] = None, *, progress: bool = True,
+                 **overrides):
+        self.config = (config or DeepSADConfig()).replace(**overrides)
+        self.progress = progress
 
     def fit(self, X, y=None, *, semi_targets=None) -> "DeepSAD":
-        from flipad_jax.networks import build_network, default_network
-
         n = len(X)
         if y is not None and semi_targets is not None:
             raise ValueError("y and semi_targets: expected at most one of them")
@@ -293,13 +370,8 @@ class DeepSAD:
             semi_targets = np.where(y == 1, -1, 0)
         elif semi_targets is None:
             semi_targets = np.zeros(n, np.int32)  # all unlabelled: Deep SVDD
-        name, kwargs = ((self.network, {}) if self.network
-                        else default_network(np.shape(X)[1:]))
-        kwargs = {**kwargs, **self.network_kwargs}
-        self.network_ = (name, kwargs)
-        self.net_ = build_network(name, **kwargs)
-        self.model_, self.log_ = train_deepsad(self.net_, X, semi_targets,
-                                               key=jax.random.key(self.seed), **self.train_kwargs)
+        fitted = fit_deepsad(X, semi_targets, self.config, progress=self.progress)
+        self.network_, self.net_, self.model_, self.log_ = fitted
         self.losses_ = self.log_.loss
         return self
 
@@ -313,6 +385,6 @@ class DeepSAD:
             raise ValueError("this DeepSAD is not fitted: call fit(X, y) first")
         check_floating("X", X)
         check_finite("X", X)
-        return score(self.net_, self.model_, X, batch_size=self.score_batch_size)
+        return score(self.net_, self.model_, X, batch_size=self.config.score_batch_size)
 
     score = decision_function

@@ -18,31 +18,36 @@ with the detector.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from flipad_jax._checks import check_floating
-from flipad_jax.sharding import device_batches
+from flipad_jax._checks import check_int
+from flipad_jax.head import DEFAULT_LAM
+from flipad_jax.lasso import LassoOptions, Status
 
 STD_EPS = 0.05  # added to the std before dividing (reference ``EPS_std``)
 LOG_EPS = 1e-10
 FEATURE_KINDS = ("flipad", "raw", "dct")
-# Which training samples the standardisation statistics come from, per feature kind.
+# Which training samples the standardisation statistics come from by default, per feature kind
+# (the reference's image launchers); FeatureConfig.standardize overrides it.
 STANDARDIZE_ON = {"flipad": "inliers", "raw": None, "dct": "all"}
+STANDARDIZE_CHOICES = ("inliers", "all", None)
 
 
 def _check_images(name: str, x):
     x = jnp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"{name} has shape {tuple(x.shape)}: expected (B, C, H, W) images")
-    if jnp.issubdtype(x.dtype, jnp.integer):
-        x = x.astype(jnp.float32)
-    check_floating(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        # Integer pixels (0-255) read as floats would be ~127x off the [-1, 1] scale every
+        # detector is fitted on; the mapping must be explicit.
+        raise ValueError(f"{name} has dtype {x.dtype}: expected floating images in the range "
+                         "the detector was fitted on (8-bit pixels: map them first with "
+                         "flipad_jax.images.pixels_to_range)")
     return x
 
 
@@ -100,41 +105,8 @@ def max_pool_to(z, size: Optional[int] = 32):
     return z.reshape(b, c, size, k, size, k).max(axis=(3, 5))
 
 
-def invert_in_batches(head, images, *, lam: float = 5e-4, batch_size: int = 1000,
-                      progress: bool = False, **solver_kwargs) -> dict:
-    """``head.invert`` over a data set in batches, each sharded over the local devices.
-
-    Bounds device memory (the solver keeps several arrays of the activations' size per batch)
-    and keeps the reference's batch-wide stop rule per batch of 1000 in paper mode. Each batch
-    holds exactly ``batch_size`` images (the last fewer), padded to a multiple of the device
-    count with copies of its last image, which leave that rule unchanged and are dropped from
-    all outputs (:func:`flipad_jax.sharding.device_batches`).
-
-    Args:
-      head: a :class:`~flipad_jax.Head`; images: ``(N, *head.out_shape)``, any dtype
-        ``head.invert`` accepts (NumPy or JAX).
-      lam: λ (scalar); batch_size: images per solve; progress: show a progress bar.
-      **solver_kwargs: passed to ``head.invert`` (x_range, clip, max_iter, tol, mode, ...).
-
-    Returns:
-      dict of NumPy arrays: ``z`` ``(N, *head.in_shape)`` and per-image ``iterations``,
-      ``objective``, ``gap``, ``status`` and ``clipped``, each ``(N,)``.
-    """
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
-        raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
-    keys = ("z", "iterations", "objective", "gap", "status", "clipped")
-    parts = {k: [] for k in keys}
-    batches = tqdm(device_batches(images, batch_size), total=-(-len(images) // batch_size),
-                   disable=not progress, desc="inverting", unit="batch", leave=False)
-    for xb, size in batches:
-        res = head.invert(xb, lam, **solver_kwargs)
-        for k in keys:
-            parts[k].append(np.asarray(getattr(res, k))[:size])
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def flipad_features(head, images, *, lam: float = 5e-4, pool_to: Optional[int] = 32,
-                    batch_size: int = 1000, progress: bool = False, **solver_kwargs):
+def flipad_features(head, images, *, lam: float, pool_to: Optional[int] = 32,
+                    batch_size: int = 1000, progress: bool = False, **invert_kwargs):
     """FLIPAD features before standardisation: ``max_pool_to(head.invert(images).z)``.
 
     Args:
@@ -142,20 +114,20 @@ def flipad_features(head, images, *, lam: float = 5e-4, pool_to: Optional[int] =
       images: ``(B, *head.out_shape)`` images in the head's output range (or pass ``x_range``).
       lam: λ of the lasso (paper: 5e-4 small GANs).
       pool_to: spatial size the activations are max-pooled down to (None: no pooling).
-      batch_size, progress: as in :func:`invert_in_batches`.
-      **solver_kwargs: passed to ``head.invert`` (x_range, clip, max_iter, tol, mode, ...).
+      batch_size, progress: as in :meth:`~flipad_jax.Head.invert_batches`.
+      **invert_kwargs: passed to ``head.invert`` (x_range, clip, options, max_iter, ...).
 
     Returns:
       ``(B, C', h, w)`` float32 (``(B, D)`` for a linear head).
     """
-    res = invert_in_batches(head, images, lam=lam, batch_size=batch_size, progress=progress,
-                            **solver_kwargs)
-    bad = res["status"] == 2
+    res = head.invert_batches(images, lam, batch_size=batch_size, progress=progress,
+                              **invert_kwargs)
+    bad = res.status == Status.NONFINITE
     if bad.any():
         raise ValueError(f"images: the inversion of {int(bad.sum())} image(s) (indices "
                          f"{np.flatnonzero(bad)[:10].tolist()}) went non-finite: expected finite "
                          "activations")
-    return max_pool_to(jnp.asarray(res["z"]), pool_to)
+    return max_pool_to(jnp.asarray(res.z), pool_to)
 
 
 class Standardizer(NamedTuple):
@@ -196,38 +168,66 @@ def top_channels(x_inliers, x_outliers, k: int):
     b = np.asarray(x_outliers, np.float64).mean(axis=0)
     diff = np.abs(a - b)
     per_channel = diff.reshape(diff.shape[0], -1).mean(axis=1)
-    if not (isinstance(k, (int, np.integer)) and 1 <= k <= len(per_channel)):
-        raise ValueError(f"top_k={k!r}: expected an int in [1, {len(per_channel)}] (the number "
-                         "of channels)")
+    check_int("top_k", k, maximum=len(per_channel))
     return np.argsort(-per_channel, kind="stable")[:k].astype(np.int64)
+
+
+_AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """How images become detector inputs; JSON-able (saved with the detector).
+    """How images become detector inputs, with the paper's defaults; JSON-able (saved with the
+    detector).
 
     Attributes:
       kind: "flipad" (needs a head), "raw" or "dct".
-      lam: FLIPAD's λ.
+      lam: FLIPAD's λ (paper: 5e-4 small GANs and Redwine, 1e-4 Whitewine, 1e-5 Stable
+        Diffusion, 1e-3 medical).
+      lasso: FLIPAD's solver settings (:class:`~flipad_jax.LassoOptions`; the reference solver
+        is ``LassoOptions.paper(head.op)``).
       pool_to: FLIPAD max-pool target size (None: none).
       size: RawPAD resize target (None: none).
       crop: DCTPAD centre crop (None: whole image).
-      invert_kwargs: extra keyword arguments for ``head.invert`` (solver settings, x_range,
-        clip), JSON-able values only.
       invert_batch_size: images per lasso solve (the reference's 1000).
+      standardize: which training features give the standardisation statistics: "inliers",
+        "all" or None (none); "auto": the kind's default (:data:`STANDARDIZE_ON`: FLIPAD
+        inliers, DCTPAD all, RawPAD none; the reference's tabular launcher: none).
+      std_eps: the +0.05 of the standardisation.
+      top_k: keep the k channels (dimensions, for vectors) whose inlier and outlier means
+        differ most (None: all).
     """
 
     kind: str = "flipad"
-    lam: float = 5e-4
+    lam: float = DEFAULT_LAM
+    lasso: LassoOptions = field(default_factory=LassoOptions)
     pool_to: Optional[int] = 32
     size: Optional[int] = 32
     crop: Optional[int] = 32
-    invert_kwargs: dict = field(default_factory=dict)
     invert_batch_size: int = 1000
+    standardize: Optional[str] = _AUTO
+    std_eps: float = STD_EPS
+    top_k: Optional[int] = None
 
     def __post_init__(self):
         if self.kind not in FEATURE_KINDS:
             raise ValueError(f"features={self.kind!r}: expected one of {FEATURE_KINDS}")
+        if isinstance(self.lasso, dict):  # from JSON
+            object.__setattr__(self, "lasso", LassoOptions(**self.lasso))
+        if self.standardize not in STANDARDIZE_CHOICES + (_AUTO,):
+            raise ValueError(f"standardize={self.standardize!r}: expected one of "
+                             f"{STANDARDIZE_CHOICES + (_AUTO,)}")
+        check_int("invert_batch_size", self.invert_batch_size)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k)
+
+    @property
+    def standardize_on(self) -> Optional[str]:
+        """"inliers", "all" or None: the setting in force for this kind."""
+        return STANDARDIZE_ON[self.kind] if self.standardize == _AUTO else self.standardize
+
+    def replace(self, **changes) -> "FeatureConfig":
+        return replace(self, **changes)
 
     def extract(self, images, head=None, *, progress: bool = False):
         """Unstandardised features of ``(B, C, H, W)`` images (see the module docstring);
@@ -237,7 +237,7 @@ class FeatureConfig:
                 raise ValueError("head=None: FLIPAD features need the generator's Head")
             return flipad_features(head, images, lam=self.lam, pool_to=self.pool_to,
                                    batch_size=self.invert_batch_size, progress=progress,
-                                   **self.invert_kwargs)
+                                   options=self.lasso)
         if self.kind == "raw":
             return raw_features(images, self.size)
         return dct_features(images, self.crop)

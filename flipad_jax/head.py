@@ -16,26 +16,40 @@ import functools
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from tqdm.auto import tqdm
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flipad_jax._checks import check_finite
+from flipad_jax._checks import check_batch, check_finite, check_int
 from flipad_jax.activations import (DEFAULT_CLIP, check_clip, clipped_inverse, get_activation,
                                     resolve_output_range)
 from flipad_jax.bundle import build_operator, read_bundle
 from flipad_jax.lasso import LassoResult, solve_lasso
+from flipad_jax.sharding import device_batches
 
-DEFAULT_LAM = 5e-4  # the paper's λ for the small GANs and tabular data
+DEFAULT_LAM = 5e-4  # the paper's λ for the small GANs and Redwine; FeatureConfig.lam's default
 
 
-class InversionResult(NamedTuple("InversionResult",
-                                 [*LassoResult.__annotations__.items(), ("clipped", jax.Array)])):
-    """:class:`~flipad_jax.LassoResult` plus ``clipped``: ``(B,)`` int32, how many values of each
-    image the target's clip moved (see :func:`flipad_jax.activations.clipped_inverse`)."""
+class InversionResult(NamedTuple):
+    """A lasso solve of images and how many pixel values its target clipped.
 
-    __slots__ = ()
-    converged = LassoResult.converged
+    Attributes:
+      lasso: the :class:`~flipad_jax.LassoResult`; its fields (``z``, ``iterations``,
+        ``objective``, ``gap``, ``kkt``, ``status``, ``converged``, ...) read through as
+        attributes of this result.
+      clipped: ``(B,)`` int32, values of each image the target's clip moved (see
+        :func:`flipad_jax.activations.clipped_inverse`).
+    """
+
+    lasso: LassoResult
+    clipped: jax.Array
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.lasso, name)
 
 
 @functools.partial(jax.jit, static_argnames=("activation",))
@@ -112,7 +126,7 @@ class Head:
 
     def forward(self, z):
         """σ(A z + b): ``(B, *in_shape)`` activations → ``(B, *out_shape)`` images."""
-        z = self.op._check_batch("z", z, self.in_shape, "the head's input")
+        z = check_batch("z", z, self.in_shape, "the head's input")
         return _forward(self.op, jnp.asarray(z, self.op.dtype), activation=self.activation.name)
 
     def target(self, x, *, x_range=None, clip: float = DEFAULT_CLIP,
@@ -140,7 +154,7 @@ class Head:
                                  "x_range=(0, 255); or pass floats in the head's output range "
                                  f"{self.output_range}")
             x = x.astype(self.op.dtype)
-        x = self.op._check_batch("x", x, self.out_shape, "images of the head's output shape")
+        x = check_batch("x", x, self.out_shape, "images of the head's output shape")
         check_finite("x", x)
         clip = check_clip(clip)
         scale, shift = 1.0, 0.0
@@ -163,14 +177,15 @@ class Head:
         """FLIPAD features of images: ``solve_lasso(op, target(x), lam, anchor=zbar)``.
 
         Minimises ½‖A z + b − o‖² + λ‖z − z̄‖₁ per image (see :func:`flipad_jax.solve_lasso`),
-        with the bundle's Lipschitz estimate unless ``lipschitz=`` or ``step=`` is given.
+        with the bundle's Lipschitz estimate unless ``lipschitz=`` or a fixed step is given.
 
         Args:
           x: ``(B, *out_shape)`` images; ``x_range`` and ``clip`` as in :meth:`target`.
-          lam: λ, scalar or ``(B,)`` (paper: 5e-4 small GANs, 1e-5 Stable Diffusion, 1e-3
-            medical).
-          **solver_kwargs: passed to :func:`~flipad_jax.solve_lasso` (max_iter, tol, stop, step,
-            restart, mode, ...).
+          lam: λ, scalar or ``(B,)`` (paper: 5e-4 small GANs and Redwine, 1e-5 Stable
+            Diffusion, 1e-3 medical).
+          **solver_kwargs: passed to :func:`~flipad_jax.solve_lasso` (``options=`` a
+            :class:`~flipad_jax.LassoOptions`, ``lipschitz=``, or single fields such as
+            max_iter, tol, stop, step).
 
         Returns:
           :class:`InversionResult`: ``z`` ``(B, *in_shape)`` are the features; per-image
@@ -180,11 +195,39 @@ class Head:
             raise ValueError("anchor: the head's anchor is its zbar; build a Head with another "
                              "zbar instead of passing anchor=")
         o, clipped = self.target(x, x_range=x_range, clip=clip, return_clipped=True)
-        if self.lipschitz is not None and "step" not in solver_kwargs and \
-                solver_kwargs.get("mode", "fast") == "fast":
-            solver_kwargs.setdefault("lipschitz", self.lipschitz)
-        res = solve_lasso(self.op, o, lam, anchor=self.zbar, **solver_kwargs)
-        return InversionResult(*res, clipped)
+        solver_kwargs.setdefault("lipschitz", self.lipschitz)  # unused under a fixed step
+        return InversionResult(solve_lasso(self.op, o, lam, anchor=self.zbar, **solver_kwargs),
+                               clipped)
+
+    def invert_batches(self, x, lam=DEFAULT_LAM, *, batch_size: int = 1000, progress: bool = False,
+                       **invert_kwargs) -> InversionResult:
+        """:meth:`invert` over a data set in batches, each sharded over the local devices.
+
+        Bounds device memory (the solver keeps several arrays of the activations' size per
+        batch) and keeps the reference's batch-wide stop rule per batch of 1000 in paper mode.
+        Each batch holds exactly ``batch_size`` images (the last fewer), padded to a multiple of
+        the device count with copies of its last image, which leave that rule unchanged and are
+        dropped from all outputs (:func:`flipad_jax.sharding.device_batches`).
+
+        Args:
+          x: ``(N, *out_shape)`` images, any dtype :meth:`invert` accepts (NumPy or JAX).
+          lam: λ (scalar); batch_size: images per solve; progress: show a progress bar.
+          **invert_kwargs: passed to :meth:`invert` (x_range, clip, options, max_iter, ...).
+
+        Returns:
+          :class:`InversionResult` of NumPy arrays over all N images (``lipschitz`` and
+          ``step`` of the last batch).
+        """
+        check_int("batch_size", batch_size)
+        parts = []
+        batches = tqdm(device_batches(x, batch_size), total=-(-len(x) // batch_size),
+                       disable=not progress, desc="inverting", unit="batch", leave=False)
+        for xb, size in batches:
+            res = self.invert(xb, lam, **invert_kwargs)
+            parts.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:size],
+                                                (res.lasso[:6], res.clipped)))
+        arrays, clipped = (jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts))
+        return InversionResult(LassoResult(*arrays, res.lipschitz, res.step), clipped)
 
     def __repr__(self):
         return (f"Head({self.op!r}, activation={self.activation.name!r}, "

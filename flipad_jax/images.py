@@ -118,6 +118,22 @@ def list_images(sources: Union[str, Path, Sequence[Union[str, Path]]]) -> list[I
     return sorted(refs)
 
 
+def split_validation(refs: Sequence[ImageRef], fraction: float, *, need: int, seed: int,
+                     what: str = "images") -> tuple[list[ImageRef], list[ImageRef]]:
+    """(train, validation) parts of ``refs``: a ``fraction`` held out by a permutation seeded
+    with ``seed``, each part in the input order. ``need``: the fewest validation images the
+    thresholds need (⌈1/fnr⌉); ``what`` names the source in errors."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--val-fraction {fraction}: expected a number in (0, 1)")
+    n_val = int(round(fraction * len(refs)))
+    if n_val < need or n_val == len(refs):
+        raise ValueError(f"{what}: {len(refs)} images, so a fraction {fraction} holds out {n_val} "
+                         f"for validation, expected at least {need} and some left to train on: "
+                         "pass --val SRC, more images or a larger --val-fraction")
+    order = np.random.default_rng(seed).permutation(len(refs))
+    return ([refs[i] for i in np.sort(order[n_val:])], [refs[i] for i in np.sort(order[:n_val])])
+
+
 def _groups(refs: Sequence[ImageRef]) -> Iterable[tuple[str, list[int]]]:
     """Consecutive refs of one ``.npy`` file grouped as (path, rows); image files alone."""
     start = 0

@@ -47,14 +47,17 @@ Stopping rules (``stop=``), each checked after every iteration:
   samples of mean |δ⁺ − δ| ≤ tol.
 
 Samples that stop are frozen (their state no longer changes) while the others go on; ``max_iter``
-bounds the loop. ``mode="paper"`` reproduces the reference solver: fixed step 0.025 (0.001 for
-:class:`~flipad_jax.Linear`, its tabular setting), no restart,
-the ``"reference"`` stop rule with tol 1e-5 (1e-4 for :class:`~flipad_jax.Linear`), 10000
-iterations, and the reference's start δ₀ = z̄ (z₀ = 2z̄). Any of these can still be overridden.
+bounds the loop. Every setting lives in :class:`LassoOptions`, whose defaults are ours (step 1/L,
+restarts, certified stop); ``LassoOptions.paper(op)`` is the reference solver: fixed step 0.025
+(0.001 for :class:`~flipad_jax.Linear`, its tabular setting), no restart, the ``"reference"`` stop
+rule with tol 1e-5 (1e-4 for :class:`~flipad_jax.Linear`), 10000 iterations, and the reference's
+start δ₀ = z̄ (z₀ = 2z̄). Any field can still be overridden.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 from typing import NamedTuple, Optional
 
@@ -63,11 +66,90 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flipad_jax._checks import check_finite, check_floating
+from flipad_jax._checks import check_batch, check_finite, check_floating, check_int
 from flipad_jax.operators import Linear, lipschitz_constant
 
-CONVERGED, MAX_ITER, NONFINITE = 0, 1, 2
 _STOP_RULES = ("gap", "change", "reference")
+_STARTS = ("anchor", "reference")
+
+
+class Status(enum.IntEnum):
+    """Per-sample outcome of a solve (``LassoResult.status`` holds these values)."""
+
+    CONVERGED = 0
+    MAX_ITER = 1
+    NONFINITE = 2
+
+    @property
+    def message(self) -> str:
+        return {Status.CONVERGED: "stopped by the stop rule",
+                Status.MAX_ITER: "reached max_iter before the stop rule held",
+                Status.NONFINITE: "the objective went non-finite (NaN or inf)"}[self]
+
+
+@dataclasses.dataclass(frozen=True)
+class LassoOptions:
+    """Settings of :func:`solve_lasso`; the defaults are ours, :meth:`paper` the reference's.
+
+    Attributes:
+      max_iter: iteration cap.
+      tol: tolerance of the stop rule; None: "gap" 1e-3 relative in float32, 1e-6 in float64;
+        "change" and "reference" 1e-5, or 1e-4 for Linear, as in the reference.
+      stop: "gap" (certified), "change" (per sample) or "reference" (batch-wide).
+      step: fixed step size; None: 1/(lipschitz_margin · L).
+      restart: adaptive (gradient-scheme) restart of the momentum.
+      start: "anchor" (z₀ = z̄) or "reference" (z₀ = 2z̄, the reference's δ₀ = z̄); an explicit
+        ``init=`` array to :func:`solve_lasso` overrides it.
+      lipschitz_margin: factor on L, since Lanczos approaches ‖A‖² from below.
+    """
+
+    max_iter: int = 10000
+    tol: Optional[float] = None
+    stop: str = "gap"
+    step: Optional[float] = None
+    restart: bool = True
+    start: str = "anchor"
+    lipschitz_margin: float = 1.01
+
+    def __post_init__(self):
+        check_int("max_iter", self.max_iter, minimum=0)
+        if self.stop not in _STOP_RULES:
+            raise ValueError(f"stop={self.stop!r}: expected one of {_STOP_RULES}")
+        if self.start not in _STARTS:
+            raise ValueError(f"start={self.start!r}: expected one of {_STARTS}")
+        if self.tol is not None:
+            _positive_number("tol", self.tol, allow_zero=True)
+        if self.step is not None:
+            _positive_number("step", self.step)
+        _positive_number("lipschitz_margin", self.lipschitz_margin)
+
+    @classmethod
+    def paper(cls, op, **overrides) -> "LassoOptions":
+        """The reference solver for ``op``: step 0.025 (Linear 0.001), no restart, the
+        batch-wide change rule at tol 1e-5 (Linear 1e-4), 10000 iterations, z₀ = 2z̄."""
+        linear = isinstance(op, Linear)
+        return cls(**{**dict(max_iter=10000, tol=1e-4 if linear else 1e-5, stop="reference",
+                             step=0.001 if linear else 0.025, restart=False, start="reference"),
+                      **overrides})
+
+    def replace(self, **overrides) -> "LassoOptions":
+        """A copy with some fields changed; an unknown name is a ValueError."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a solver setting; expected fields of "
+                             f"LassoOptions ({', '.join(f.name for f in dataclasses.fields(self))})")
+        return dataclasses.replace(self, **overrides)
+
+    def tol_for(self, op, dtype) -> float:
+        """The tolerance in force: ``tol``, else the stop rule's default for op and dtype."""
+        if self.tol is not None:
+            return float(self.tol)
+        if self.stop == "gap":
+            return 1e-3 if jnp.dtype(dtype) == jnp.float32 else 1e-6
+        return 1e-4 if isinstance(op, Linear) else 1e-5
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class LassoResult(NamedTuple):
@@ -79,7 +161,7 @@ class LassoResult(NamedTuple):
       objective: ``(B,)`` P(z) = ½‖Az + b − o‖² + λ‖z − z̄‖₁.
       gap: ``(B,)`` duality gap, an upper bound on P(z) − min P.
       kkt: ``(B,)`` ∞-norm KKT residual (0 exactly at the optimum).
-      status: ``(B,)`` int32: 0 converged, 1 hit max_iter, 2 non-finite objective.
+      status: ``(B,)`` int32 values of :class:`Status` (converged, hit max_iter, non-finite).
       lipschitz: L = ‖A‖² used for the step (None when ``step`` was given); pass it back as
         ``lipschitz=`` to skip the Lanczos iteration next time.
       step: the step size used.
@@ -96,7 +178,7 @@ class LassoResult(NamedTuple):
 
     @property
     def converged(self):
-        return self.status == CONVERGED
+        return self.status == Status.CONVERGED
 
 
 class _State(NamedTuple):
@@ -190,7 +272,8 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, in_shape, restart, stop):
                 done = jnp.broadcast_to(jnp.max(change) <= tol, done.shape)
             nonfinite = ~jnp.isfinite(change)
             step_taken = s.active
-        status = jnp.where(nonfinite, NONFINITE, jnp.where(done, CONVERGED, s.status))
+        status = jnp.where(nonfinite, Status.NONFINITE,
+                           jnp.where(done, Status.CONVERGED, s.status))
         keep = _bcast(step_taken, delta)
         return _State(delta=jnp.where(keep, delta, s.delta), y=jnp.where(keep, y, s.y),
                       t=jnp.where(step_taken, t_next, s.t),
@@ -200,7 +283,7 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, in_shape, restart, stop):
 
     state = _State(delta=delta0, y=delta0, t=jnp.ones((batch,), dtype),
                    active=jnp.ones((batch,), bool), iterations=jnp.zeros((batch,), jnp.int32),
-                   status=jnp.full((batch,), MAX_ITER, jnp.int32), k=jnp.zeros((), jnp.int32))
+                   status=jnp.full((batch,), Status.MAX_ITER, jnp.int32), k=jnp.zeros((), jnp.int32))
     final = lax.while_loop(cond, body, state)
     # The gap rule certifies y; the change rules, like the reference, return the iterate δ.
     solution = final.y if stop == "gap" else final.delta
@@ -232,11 +315,8 @@ def _sample_shape_of(op, o, anchor, init):
     return tuple(op._in_shape_of_output(o))
 
 
-def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] = None,
-                tol: Optional[float] = None, stop: Optional[str] = None,
-                step: Optional[float] = None, restart: Optional[bool] = None,
-                lipschitz: Optional[float] = None, lipschitz_margin: float = 1.01,
-                mode: str = "fast") -> LassoResult:
+def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOptions] = None,
+                lipschitz: Optional[float] = None, **overrides) -> LassoResult:
     """Solve ``min_z ½‖A z + b − o‖² + λ‖z − anchor‖₁`` for every sample of a batch.
 
     Algorithm, restart, certificates and stopping rules: see the module docstring.
@@ -247,17 +327,12 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] =
       o: ``(B, *out_shape)`` targets (the pre-activation outputs, σ⁻¹ of the images).
       lam: λ ≥ 0, a scalar or ``(B,)``, one per sample. The reference's ``alpha``.
       anchor: z̄, ``in_shape`` or ``(B, *in_shape)``; default 0.
-      init: ``(B, *in_shape)`` starting z (warm start); default the anchor (paper mode: 2·anchor).
-      max_iter: iteration cap (default 10000).
-      tol: tolerance of the stop rule (defaults: "gap" 1e-3 relative in float32, 1e-6 in
-        float64; "change" and "reference" 1e-5, or 1e-4 for Linear, as in the reference).
-      stop: "gap" (default), "change" or "reference".
-      step: fixed step size; default 1/(lipschitz_margin · L). Paper mode: 0.025 (Linear:
-        0.001).
-      restart: adaptive restart (default True; paper mode False).
+      init: ``(B, *in_shape)`` starting z (warm start); default from ``options.start``.
+      options: :class:`LassoOptions` (default ``LassoOptions()``; the reference solver is
+        ``LassoOptions.paper(op)``).
       lipschitz: L = ‖A‖² if known (e.g. from a previous result or the head bundle).
-      lipschitz_margin: factor on L, since Lanczos approaches ‖A‖² from below.
-      mode: "fast" (the defaults above) or "paper" (the reference solver; see module docstring).
+      **overrides: fields of ``options`` to change for this call (max_iter, tol, stop, step,
+        restart, start, lipschitz_margin).
 
     Returns:
       :class:`LassoResult`. Non-convergence is reported per sample in ``status``, never raised.
@@ -266,31 +341,17 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] =
     static options (stop rule, restart) reuse the compiled program; λ, tol, step and max_iter are
     traced values. Sharded ``o`` (batch axis) gives a sharded solve.
     """
-    if mode not in ("fast", "paper"):
-        raise ValueError(f"mode={mode!r}: expected 'fast' or 'paper'")
-    paper = mode == "paper"
-    stop = stop if stop is not None else ("reference" if paper else "gap")
-    if stop not in _STOP_RULES:
-        raise ValueError(f"stop={stop!r}: expected one of {_STOP_RULES}")
-    restart = (not paper) if restart is None else bool(restart)
-    max_iter = 10000 if max_iter is None else max_iter
-    if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 0):
-        raise ValueError(f"max_iter={max_iter!r}: expected a non-negative int")
+    opts = (options or LassoOptions()).replace(**overrides)
+    stop, restart, max_iter = opts.stop, opts.restart, opts.max_iter
 
     check_floating("o", o)
     o = jnp.asarray(o)
-    if tol is not None:
-        tol = _positive_number("tol", tol, allow_zero=True)
     if o.dtype != op.dtype:
         raise ValueError(f"o has dtype {o.dtype} but the operator's weight is {op.dtype}: "
                          "expected the same floating dtype")
-    if tol is None:
-        if stop == "gap":
-            tol = 1e-3 if o.dtype == jnp.float32 else 1e-6
-        else:
-            tol = 1e-4 if isinstance(op, Linear) else 1e-5
+    tol = opts.tol_for(op, o.dtype)
     in_shape = _sample_shape_of(op, o, anchor, init)
-    op._check_batch("o", o, op.out_shape_for(in_shape), "the operator's output for input "
+    check_batch("o", o, op.out_shape_for(in_shape), "the operator's output for input "
                     f"shape {in_shape}")
     check_finite("o", o)
     batch = o.shape[0]
@@ -317,7 +378,7 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] =
         check_finite("anchor", anchor)
         anchor = anchor.astype(o.dtype)
     if init is None:
-        delta0 = anchor if paper else jnp.zeros_like(anchor)
+        delta0 = anchor if opts.start == "reference" else jnp.zeros_like(anchor)
     else:
         init = jnp.asarray(init)
         check_floating("init", init)
@@ -328,15 +389,12 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, max_iter: Optional[int] =
         delta0 = init.astype(o.dtype) - anchor
     delta0 = jnp.broadcast_to(delta0, (batch,) + in_shape)
 
+    step = opts.step
     if step is None:
-        if paper:
-            step = 0.001 if isinstance(op, Linear) else 0.025
-        else:
-            if lipschitz is None:
-                lipschitz = lipschitz_constant(op, in_shape)
-            lipschitz = _positive_number("lipschitz", lipschitz)
-            step = 1.0 / (lipschitz_margin * lipschitz)
-    step = _positive_number("step", step)
+        if lipschitz is None:
+            lipschitz = lipschitz_constant(op, in_shape)
+        lipschitz = _positive_number("lipschitz", lipschitz)
+        step = 1.0 / (opts.lipschitz_margin * lipschitz)
 
     r = op.out_to_internal(o - op.affine(anchor))
     delta, iterations, objective, gap, kkt, status = _fista(

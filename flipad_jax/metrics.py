@@ -54,12 +54,18 @@ def threshold(val_scores, fnr: float) -> float:
     return float(np.quantile(s, 1.0 - fnr))
 
 
+def made_by_g(scores, tau: float) -> np.ndarray:
+    """The verdict (paper eq. 7), written once: x is attributed to G iff s(x) ≤ τ. ``(n,)``
+    bool."""
+    return np.asarray(scores) <= tau
+
+
 def rates(scores_model, scores_other, tau: float) -> dict:
     """``tpr`` (G attributed to G), ``fnr`` = 1 − tpr, ``tnr`` (G′ rejected), ``fpr`` = 1 − tnr."""
     sg = _scores("scores_model", scores_model)
     so = _scores("scores_other", scores_other)
-    tpr = float(np.mean(sg <= tau))
-    tnr = float(np.mean(so > tau))
+    tpr = float(np.mean(made_by_g(sg, tau)))
+    tnr = float(np.mean(~made_by_g(so, tau)))
     return {"tpr": tpr, "fnr": 1.0 - tpr, "tnr": tnr, "fpr": 1.0 - tnr}
 
 
@@ -71,7 +77,7 @@ def accuracy(scores_model, scores_other, tau: float) -> float:
 
 def realised_fnr(val_scores, tau: float) -> float:
     """Fraction of G's (validation) scores above τ."""
-    return float(np.mean(_scores("val_scores", val_scores) > tau))
+    return float(np.mean(~made_by_g(_scores("val_scores", val_scores), tau)))
 
 
 def roc_auc(scores_model, scores_other) -> float:

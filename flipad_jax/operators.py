@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flipad_jax._checks import as_pair, check_finite, check_floating
+from flipad_jax._checks import as_pair, check_batch, check_finite, check_floating
 
 _PRECISIONS = {None: None, "default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
                "highest": lax.Precision.HIGHEST}
@@ -126,7 +126,7 @@ class _LinearOperator:
 
     def __call__(self, z):
         """A z: (B, *in_shape) → (B, *out_shape), without the bias."""
-        z = self._check_batch("z", z, self._in_shape_of_input(z), "the operator's input")
+        z = check_batch("z", z, self._in_shape_of_input(z), "the operator's input")
         return self.out_from_internal(self.apply(self.to_internal(z)))
 
     def affine(self, z):
@@ -137,7 +137,7 @@ class _LinearOperator:
     def T(self, y):
         """Aᵀ y: (B, *out_shape) → (B, *in_shape), the exact adjoint of ``op(z)``."""
         in_shape = self._in_shape_of_output(y)
-        y = self._check_batch("y", y, self.out_shape_for(in_shape), "the operator's output")
+        y = check_batch("y", y, self.out_shape_for(in_shape), "the operator's output")
         return self.from_internal(self.adjoint(self.out_to_internal(y), in_shape))
 
     def lipschitz(self, *, rtol: float = 1e-6, max_steps: int = 1024, key=None) -> float:
@@ -153,14 +153,6 @@ class _LinearOperator:
         The solver adds a safety margin on top (``solve_lasso(lipschitz_margin=...)``).
         """
         return lipschitz_constant(self, self.in_shape, rtol=rtol, max_steps=max_steps, key=key)
-
-    def _check_batch(self, name, x, expected_sample_shape, what):
-        if jnp.ndim(x) != len(expected_sample_shape) + 1 or \
-                tuple(jnp.shape(x)[1:]) != tuple(expected_sample_shape):
-            raise ValueError(f"{name} has shape {jnp.shape(x)}: expected (B, "
-                             f"{', '.join(map(str, expected_sample_shape))}) ({what})")
-        check_floating(name, x)
-        return x
 
     # Tree flattening: weights are children, geometry is static auxiliary data.
     def tree_flatten(self):

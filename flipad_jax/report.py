@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from flipad_jax._files import atomic_file
+from flipad_jax._files import atomic_dir, atomic_file
 from flipad_jax.metrics import attribution_table
 
 # Anchor colours of a perceptually ordered map (dark blue → green → yellow), interpolated.
@@ -81,6 +81,23 @@ def tables_markdown(sections: Mapping[str, Sequence[dict]], fnrs: Sequence[float
                 parts += [f"### {title}: {name} per pair (G vs G′)", "",
                           attribution_table(records, value=key, per_other=True), ""]
     return "\n".join(parts)
+
+
+def evaluation_report(records: Sequence[dict], thresholds: Mapping[float, float], *, title: str,
+                      meta: dict, out=None, overwrite: bool = False) -> tuple[str, bool]:
+    """``flipad evaluate``'s report: the Markdown table of ``records`` (rows of
+    :func:`flipad_jax.metrics.evaluate` with method and model) and, if ``out`` is given, the
+    folder ``out`` with ``table.md`` and ``records.json`` (``meta``, the thresholds and the
+    records), written atomically. Returns ``(table, written)``."""
+    table = tables_markdown({title: records}, sorted(thresholds))
+    if out is None:
+        return table, False
+    content = dict(meta, thresholds={f"{f:g}": t for f, t in sorted(thresholds.items())},
+                   records=list(records))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "table.md").write_text(table + "\n")
+        (tmp / "records.json").write_text(json.dumps(content, indent=2) + "\n")
+    return table, True
 
 
 def write_json(path, obj) -> Path:

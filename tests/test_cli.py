@@ -41,11 +41,10 @@ def test_convert_sample_invert(tmp_path):
                  str(tmp_path / "bad.npy"), "--quiet"]) == 1
     assert not (tmp_path / "bad.npy").exists()
     # Batching does not change the solutions (every sample stops on its own).
-    from flipad_jax.features import invert_in_batches
     images = load_images(tmp_path / "pngs", head.output_range)
-    one = invert_in_batches(head, images, batch_size=5)
-    three = invert_in_batches(head, images, batch_size=2)
-    np.testing.assert_allclose(one["z"], three["z"], atol=1e-6)
+    one = head.invert_batches(images, batch_size=5)
+    three = head.invert_batches(images, batch_size=2)
+    np.testing.assert_allclose(one.z, three.z, atol=1e-6)
     with pytest.raises(ValueError, match="integer pixels need their scale"):
         head.target(np.zeros((1,) + head.out_shape, np.uint8))
     # The features reproduce the sampled PNGs through the generator's last layer.

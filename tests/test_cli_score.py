@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flipad_jax import metrics, scoring
+from flipad_jax import _partial, metrics
 from flipad_jax.bundle import Bundle, write_bundle
 from flipad_jax.cli import main
 from flipad_jax.detector import Detector
@@ -111,10 +111,10 @@ def test_kill_half_way_then_resume_scores_every_input_once(setup, tmp_path):
 
 
 class _FailAfter:
-    """A stand-in for scoring._write_all that raises OSError(errno) after ``n`` good writes."""
+    """A stand-in for _partial._write_all that raises OSError(errno) after ``n`` good writes."""
 
     def __init__(self, n, code=errno.ENOSPC):
-        self.n, self.code, self.real = n, code, scoring._write_all
+        self.n, self.code, self.real = n, code, _partial._write_all
 
     def __call__(self, fd, data):
         if self.n == 0:
@@ -127,7 +127,7 @@ class _FailAfter:
 def test_full_disk_keeps_the_partial_for_resume(setup, tmp_path, monkeypatch, capsys):
     d, arrays, det = setup
     out = tmp_path / "s.jsonl"
-    monkeypatch.setattr(scoring, "_write_all", _FailAfter(2))  # the 3rd batch fails
+    monkeypatch.setattr(_partial, "_write_all", _FailAfter(2))  # the 3rd batch fails
     assert _score(d / "det0", d / "test_model.npy", out=out, extra=["--batch-size", "8"]) == 1
     err = _error(capsys)
     assert f"writing {out}.partial failed (the disk is full)" in err and "resume" in err
@@ -148,7 +148,7 @@ def test_resume_refuses_another_detector_and_a_finished_output(setup, tmp_path, 
                                                                capsys):
     d, _, _ = setup
     out = tmp_path / "s.csv"
-    monkeypatch.setattr(scoring, "_write_all", _FailAfter(1, errno.EIO))
+    monkeypatch.setattr(_partial, "_write_all", _FailAfter(1, errno.EIO))
     assert _score(d / "det0", d / "test_model.npy", out=out, extra=["--batch-size", "8"]) == 1
     assert "Input/output error" in _error(capsys)
     monkeypatch.undo()
@@ -164,7 +164,7 @@ def test_resume_refuses_another_detector_and_a_finished_output(setup, tmp_path, 
     assert _score(d / "det0", d / "test_model.npy", out=out) == 0
     first = out.read_bytes()
     assert _score(d / "det0", d / "test_model.npy", out=out) == 1
-    assert f"{out} already exists" in _error(capsys)
+    assert f"out={str(out)!r} already exists" in _error(capsys)
     assert _score(d / "det1", d / "test_model.npy", out=out, extra=["--overwrite"]) == 0
     assert out.read_bytes() != first and not (tmp_path / "s.csv.partial").exists()
 
@@ -174,7 +174,7 @@ def test_truncated_trailing_line_is_dropped_and_rescored(setup, tmp_path, monkey
     full = tmp_path / "full.csv"
     assert _score(d / "det0", d / "test_other.npy", out=full) == 0
     out, partial = tmp_path / "s.csv", tmp_path / "s.csv.partial"
-    monkeypatch.setattr(scoring, "_write_all", _FailAfter(3))  # header + 2 batches of 8
+    monkeypatch.setattr(_partial, "_write_all", _FailAfter(3))  # header + 2 batches of 8
     assert _score(d / "det0", d / "test_other.npy", out=out, extra=["--batch-size", "8"]) == 1
     monkeypatch.undo()
     lines = full.read_text().splitlines(keepends=True)

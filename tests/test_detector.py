@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 import flipad_jax as fj
+from flipad_jax.deepsad import DeepSADConfig
 from flipad_jax.detector import Detector
+from flipad_jax.features import FeatureConfig
 
-SMALL = dict(epochs=4, batch_size=32, fnrs=(0.05,), progress=False,
-             network_kwargs=dict(widths=(8, 8, 8), rep_dim=16))
+SMALL = dict(training=DeepSADConfig(epochs=4, batch_size=32,
+                                    network_kwargs=dict(widths=(8, 8, 8), rep_dim=16)),
+             fnrs=(0.05,), progress=False)
 
 
 class TinyGenerator:
@@ -43,7 +46,8 @@ def flipad_setup(tmp_path_factory):
     data = dict(model=gen.sample(keys[0], 96), other=_noise(keys[1], 96),
                 val=gen.sample(keys[2], 40), test_model=gen.sample(keys[3], 100),
                 test_other=_noise(keys[4], 100))
-    det = Detector("flipad", head=gen.head, lam=5e-4, invert_kwargs=dict(max_iter=200), **SMALL)
+    det = Detector(FeatureConfig("flipad", lam=5e-4, lasso=fj.LassoOptions(max_iter=200)),
+                   head=gen.head, **SMALL)
     det.fit(data["model"], data["other"], data["val"])
     return gen, det, data
 
@@ -94,7 +98,7 @@ def test_checkpoint_from_another_version_is_refused(flipad_setup, tmp_path):
     meta = json.loads(meta_file.read_text())
     meta["format_version"] = 99
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="format_version 99.*expected 1"):
+    with pytest.raises(ValueError, match="format_version 99.*expected 2"):
         Detector.load(tmp_path / "det")
 
 
@@ -120,8 +124,8 @@ def test_bad_input(flipad_setup):
     with pytest.raises(ValueError, match="x_val has 10 samples"):
         Detector("raw", **SMALL).fit(data["model"], data["other"], data["val"][:10])
     with pytest.raises(ValueError, match=r"x_other gives features of shape \(3, 8, 8\)"):
-        Detector("raw", size=None, **SMALL).fit(data["model"], data["other"][:, :, :8, :8],
-                                                data["val"])
+        Detector(FeatureConfig("raw", size=None), **SMALL).fit(
+            data["model"], data["other"][:, :, :8, :8], data["val"])
     with pytest.raises(ValueError, match="not fitted"):
         Detector("raw").score(data["val"])
     with pytest.raises(ValueError, match="head=None"):
@@ -133,8 +137,8 @@ def test_raw_and_dct_detectors_fit_and_round_trip(kind, tmp_path):
     rng = np.random.default_rng(0)
     x_model = np.tanh(rng.normal(0.5, 0.5, (96, 3, 16, 16))).astype(np.float32)
     x_other = np.tanh(rng.normal(0.0, 0.5, (96, 3, 16, 16))).astype(np.float32)
-    det = Detector(kind, size=None, crop=16, top_k=2, **SMALL).fit(x_model, x_other,
-                                                                     x_model[:20] * 0.99)
+    det = Detector(FeatureConfig(kind, size=None, crop=16, top_k=2), **SMALL).fit(
+        x_model, x_other, x_model[:20] * 0.99)
     assert len(det.channels_) == 2
     if kind == "dct":  # statistics over both classes
         f = np.concatenate([det.features(x_model), det.features(x_other)])
@@ -150,7 +154,7 @@ def test_scoring_is_sharded_over_devices(tmp_path):
     """Eight host devices: sharded scores equal the single-device ones."""
     rng = np.random.default_rng(0)
     x = np.tanh(rng.normal(0, 0.5, (80, 3, 16, 16))).astype(np.float32)
-    det = Detector("raw", size=None, **SMALL).fit(x[:40], x[40:] * 0.5, x[:20])
+    det = Detector(FeatureConfig("raw", size=None), **SMALL).fit(x[:40], x[40:] * 0.5, x[:20])
     det.save(tmp_path / "det")
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "s.npy", det.score(x))
@@ -159,7 +163,8 @@ def test_scoring_is_sharded_over_devices(tmp_path):
         from flipad_jax.detector import Detector
         assert jax.device_count() == 8
         det = Detector.load({str(tmp_path / 'det')!r})
-        det.config["score_batch_size"] = 12   # rounded up to 16: 2 per device, padded tail
+        det.training = det.training.replace(score_batch_size=12)  # rounded up to 16: 2 per
+                                                                  # device, padded tail
         s = det.score(np.load({str(tmp_path / 'x.npy')!r}))
         np.testing.assert_allclose(s, np.load({str(tmp_path / 's.npy')!r}), rtol=1e-5, atol=1e-6)
     """)
@@ -172,7 +177,7 @@ def test_scoring_is_sharded_over_devices(tmp_path):
 def test_load_names_missing_metadata_fields(tmp_path):
     import json
     import flipad_jax as fj
-    from flipad_jax.detector import FORMAT, FORMAT_VERSION
+    from flipad_jax.detector_io import FORMAT, FORMAT_VERSION
     folder = tmp_path / "det"
     folder.mkdir()
     (folder / "meta.json").write_text(json.dumps({"format": FORMAT,

@@ -90,8 +90,8 @@ def test_flipad_features_recover_the_activations_of_the_head():
     # the layer is injective here (48 outputs per 16 inputs), so ẑ ≈ z; then a 2×2 max-pool
     expected = np.asarray(z).reshape(3, 4, 4, 2, 4, 2).max(axis=(3, 5))
     np.testing.assert_allclose(f, expected, atol=2e-3)
-    assert FeatureConfig("flipad", lam=1e-6, pool_to=None,
-                         invert_kwargs={"max_iter": 5}).extract(x, head).shape == (3, 4, 8, 8)
+    assert FeatureConfig("flipad", lam=1e-6, pool_to=None, lasso=fj.LassoOptions(max_iter=5)
+                         ).extract(x, head).shape == (3, 4, 8, 8)
 
 
 def test_feature_config_errors():

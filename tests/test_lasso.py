@@ -85,7 +85,7 @@ def test_kkt_and_gap_bound_on_a_transposed_convolution(x64):
     suboptimality = _objective(op, o, lam, early.z, anchor) - np.asarray(res.objective)
     assert np.all(suboptimality <= np.asarray(early.gap) * (1 + 1e-9))
     assert np.all(suboptimality > 0)
-    assert np.all(np.asarray(early.status) == lasso_module.MAX_ITER)
+    assert np.all(np.asarray(early.status) == fj.Status.MAX_ITER)
 
 
 def test_paper_example_4_1_exact_recovery(x64):
@@ -163,7 +163,8 @@ def test_paper_mode_reproduces_reference_fista_iterate_for_iterate(x64):
         torch, torch.from_numpy(w), torch.from_numpy(o_shift),
         torch.from_numpy(np.broadcast_to(zbar, (2,) + op.in_shape).copy()), lr, alpha, 60, 2, 1)
     for k in (1, 2, 3, 10, 60):
-        ours = fj.solve_lasso(op, o, alpha, anchor=zbar, mode="paper", max_iter=k, tol=0.0)
+        ours = fj.solve_lasso(op, o, alpha, anchor=zbar, options=fj.LassoOptions.paper(op), max_iter=k,
+                             tol=0.0)
         assert ours.step == lr
         np.testing.assert_allclose(ours.z - zbar, iterates[k - 1].numpy(), rtol=1e-9,
                                    atol=1e-12)
@@ -173,11 +174,13 @@ def test_paper_mode_stops_on_the_batch_wide_rule(x64):
     rng = np.random.default_rng(5)
     op = _small_dcgan_layer(rng)
     o = rng.normal(size=(3,) + op.out_shape)
-    res = fj.solve_lasso(op, o, 5e-3, mode="paper", tol=1e-4, max_iter=5000)
+    res = fj.solve_lasso(op, o, 5e-3, options=fj.LassoOptions.paper(op), tol=1e-4,
+                         max_iter=5000)
     # One rule for the whole batch: every sample stops at the same iteration.
     assert len(set(np.asarray(res.iterations).tolist())) == 1
     k = int(res.iterations[0])
-    before = fj.solve_lasso(op, o, 5e-3, mode="paper", tol=0.0, max_iter=k - 1)
+    before = fj.solve_lasso(op, o, 5e-3, options=fj.LassoOptions.paper(op), tol=0.0,
+                            max_iter=k - 1)
     change = np.abs(np.asarray(res.z - before.z)).reshape(3, -1).mean(axis=1)
     assert change.max() <= 1e-4
     assert 1 < k < 5000
@@ -216,7 +219,7 @@ def test_non_convergence_is_reported_not_hidden(x64):
     assert not bool(jnp.any(capped.converged))
     assert np.all(np.asarray(capped.iterations) == 3)
     diverged = fj.solve_lasso(op, o, 0.01, step=1e3, restart=False, max_iter=5000)
-    assert np.all(np.asarray(diverged.status) == lasso_module.NONFINITE)
+    assert np.all(np.asarray(diverged.status) == fj.Status.NONFINITE)
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
@@ -260,7 +263,7 @@ def test_sharded_solve_on_eight_cpu_devices_equals_single_device():
     (dict(anchor=np.ones((5, 6, 6), np.float32)), r"anchor has shape"),
     (dict(init=np.ones((1, 8, 6, 6), np.float32)), r"init has shape"),
     (dict(stop="never"), r"stop='never'"),
-    (dict(mode="slow"), r"mode='slow'"),
+    (dict(mode="slow"), r"mode: not a solver setting"),
     (dict(step=-1.0), r"step=-1.0"),
     (dict(max_iter=-5), r"max_iter=-5"),
     (dict(tol=float("nan")), r"tol=nan"),
@@ -301,4 +304,4 @@ def test_numpy_and_jax_scalars_are_accepted_and_paper_mode_linear_step(x64):
     with pytest.raises(ValueError, match="lipschitz="):
         fj.solve_lasso(op, o, 0.1, lipschitz=np.array([1.0, 2.0]))
     # The reference's tabular (Linear) runs use lr 0.001, its conv runs 0.025.
-    assert fj.solve_lasso(op, o, 0.1, mode="paper", max_iter=2).step == 0.001
+    assert fj.solve_lasso(op, o, 0.1, options=fj.LassoOptions.paper(op), max_iter=2).step == 0.001

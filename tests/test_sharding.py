@@ -13,7 +13,6 @@ import pytest
 
 import flipad_jax as fj
 from flipad_jax.detector import Detector
-from flipad_jax.features import invert_in_batches
 from flipad_jax.sharding import (batch_sharding, bucket_size, device_batches, map_batches,
                                  pad_rows)
 
@@ -107,13 +106,13 @@ def test_padding_repeats_the_last_row_and_is_dropped_again():
 def test_invert_in_batches_cuts_padding_from_every_output():
     w = _tiny_head_weight()
     head, x = tiny_head(w), _tiny_images(w, 11, seed=1, noise=0.05)
-    res = invert_in_batches(head, x, batch_size=4, max_iter=20)  # 4, 4, 3 (padded to 4)
-    assert res["z"].shape == (11,) + head.in_shape
-    assert all(res[k].shape == (11,) for k in ("iterations", "objective", "gap", "status",
+    res = head.invert_batches(x, batch_size=4, max_iter=20)  # 4, 4, 3 (padded to 4)
+    assert res.z.shape == (11,) + head.in_shape
+    assert all(getattr(res, k).shape == (11,) for k in ("iterations", "objective", "gap", "status",
                                                "clipped"))
     whole = head.invert(x, max_iter=20)
-    np.testing.assert_allclose(res["z"], np.asarray(whole.z), atol=1e-6)
-    np.testing.assert_array_equal(res["iterations"], np.asarray(whole.iterations))
+    np.testing.assert_allclose(res.z, np.asarray(whole.z), atol=1e-6)
+    np.testing.assert_array_equal(res.iterations, np.asarray(whole.iterations))
 
 
 def test_inversion_on_eight_devices_equals_one_device(tmp_path):
@@ -121,7 +120,6 @@ def test_inversion_on_eight_devices_equals_one_device(tmp_path):
     np.save(tmp_path / "w.npy", w)
     np.save(tmp_path / "x.npy", _tiny_images(w, 37, seed=1, noise=0.05))
     _run_on_eight_devices(PRELUDE + f"""
-    from flipad_jax.features import invert_in_batches
     head = tiny_head(np.load({str(tmp_path / 'w.npy')!r}))
     x = np.load({str(tmp_path / 'x.npy')!r})
     # Per-sample stopping: one unsharded solve of all 37 on device 0 is the reference.
@@ -129,24 +127,25 @@ def test_inversion_on_eight_devices_equals_one_device(tmp_path):
     single = head.invert(x, **kw)
     assert len(single.z.sharding.device_set) == 1
     seen = spy_on(head)
-    sharded = invert_in_batches(head, x, batch_size=12, **kw)
+    sharded = head.invert_batches(x, batch_size=12, **kw)
     # 12, 12, 12 real rows padded to 16, then 1 row padded to 8: all split over 8 devices.
     assert seen == [(16, 8, jax.sharding.PartitionSpec("batch"))] * 3 + \\
         [(8, 8, jax.sharding.PartitionSpec("batch"))], seen
-    np.testing.assert_allclose(sharded["z"], np.asarray(single.z), atol=1e-5)
+    np.testing.assert_allclose(sharded.z, np.asarray(single.z), atol=1e-5)
     for k in ("status", "iterations", "clipped"):
-        np.testing.assert_array_equal(sharded[k], np.asarray(getattr(single, k)), err_msg=k)
-    np.testing.assert_allclose(sharded["objective"], np.asarray(single.objective), rtol=1e-5)
+        np.testing.assert_array_equal(getattr(sharded, k), np.asarray(getattr(single, k)),
+                                      err_msg=k)
+    np.testing.assert_allclose(sharded.objective, np.asarray(single.objective), rtol=1e-5)
 
     # A batch-wide stop rule (the reference's): the copies padding a batch do not move it, so
     # each sharded batch stops where its unpadded single-device solve does.
     kw = dict(lam=5e-4, stop="reference", tol=1e-3, max_iter=300)
-    sharded = invert_in_batches(head, x, batch_size=12, **kw)
+    sharded = head.invert_batches(x, batch_size=12, **kw)
     parts = [head.invert(x[i:i + 12], **kw) for i in range(0, 37, 12)]
     iters = np.concatenate([np.asarray(p.iterations) for p in parts])
     assert np.all(np.concatenate([np.asarray(p.status) for p in parts]) == 0)  # stopped by rule
-    np.testing.assert_array_equal(sharded["iterations"], iters)
-    np.testing.assert_allclose(sharded["z"], np.concatenate([np.asarray(p.z) for p in parts]),
+    np.testing.assert_array_equal(sharded.iterations, iters)
+    np.testing.assert_allclose(sharded.z, np.concatenate([np.asarray(p.z) for p in parts]),
                                atol=1e-5)
     print("OK")
     """)
@@ -158,9 +157,10 @@ def test_flipad_detector_scores_on_eight_devices_equal_one_device(tmp_path):
     model, val = _tiny_images(w, 32, seed=2), _tiny_images(w, 20, seed=3)
     other = np.tanh(np.random.default_rng(4).normal(0, 0.6, model.shape)).astype(np.float32)
     x = np.concatenate([_tiny_images(w, 15, seed=5), other[:14]])  # 29: padded tails
-    det = Detector("flipad", head=head, lam=5e-4, invert_kwargs=dict(max_iter=40), epochs=2,
-                   batch_size=16, fnrs=(0.05,), progress=False, score_batch_size=12,
-                   network_kwargs=dict(widths=(4, 4, 4), rep_dim=8))
+    det = Detector(fj.FeatureConfig("flipad", lam=5e-4, lasso=fj.LassoOptions(max_iter=40)),
+                   training=fj.DeepSADConfig(epochs=2, batch_size=16, score_batch_size=12,
+                                             network_kwargs=dict(widths=(4, 4, 4), rep_dim=8)),
+                   head=head, fnrs=(0.05,), progress=False)
     det.fit(model, other, val)
     det.save(tmp_path / "det")
     np.save(tmp_path / "w.npy", w)

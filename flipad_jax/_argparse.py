@@ -1,0 +1,39 @@
+"""argparse pieces shared by every ``flipad`` subcommand, here and in ``converters``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def subparser(subparsers, name: str, examples: str, **kwargs):
+    """A subcommand's parser with its examples printed verbatim after the options."""
+    return subparsers.add_parser(name, epilog=examples,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def add_output_flags(p, overwrite_help: str = "replace an existing --out") -> None:
+    """The ``--overwrite`` and ``--quiet`` flags every writing subcommand ends with."""
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def key_value(text: str) -> tuple:
+    """``KEY=VALUE`` with VALUE read as JSON where it parses (16, [8, 8], 0.5), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. rep_dim=32")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def optional_int(text: str):
+    """An int, or None for 'none'."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int or 'none'") from None
