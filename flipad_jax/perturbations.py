@@ -46,6 +46,11 @@ _EXPECTED = {
     "noise": "a finite noise std >= 0 on the 0–1 scale",
     "jpeg": f"an integer JPEG quality in 1 … {JPEG_MAX_QUALITY}",
 }
+_IN_RANGE = {
+    "blur": lambda s: s >= 1 and s % 2 == 1,
+    "crop": lambda s: 1 <= s <= CROP_REFERENCE_SIZE,
+    "jpeg": lambda s: 1 <= s <= JPEG_MAX_QUALITY,
+}
 
 
 def _is_int(v) -> bool:
@@ -72,18 +77,11 @@ class Perturbation:
         if self.kind == "noise":
             ok = (isinstance(s, (int, float, np.integer, np.floating)) and not isinstance(s, bool)
                   and math.isfinite(s) and s >= 0)
-            if ok:
-                object.__setattr__(self, "strength", float(s))
         else:
-            ok = _is_int(s) and {
-                "blur": lambda: s >= 1 and s % 2 == 1,
-                "crop": lambda: 1 <= s <= CROP_REFERENCE_SIZE,
-                "jpeg": lambda: 1 <= s <= JPEG_MAX_QUALITY,
-            }[self.kind]()
-            if ok:
-                object.__setattr__(self, "strength", int(s))
+            ok = _is_int(s) and _IN_RANGE[self.kind](s)
         if not ok:
             raise ValueError(f"{self.kind}={s!r}: expected {_EXPECTED[self.kind]}")
+        object.__setattr__(self, "strength", float(s) if self.kind == "noise" else int(s))
 
     @classmethod
     def parse(cls, text: str) -> "Perturbation":

@@ -89,9 +89,8 @@ def _synthesis(k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _axis_matrices(n: int, levels: int) -> tuple:
     """Per level ℓ = 1 … levels: (analysis lo, analysis hi, synthesis lo, synthesis hi), float32."""
     sizes = _level_sizes(n, levels)
-    return tuple(tuple(m.astype(np.float32) for m in _analysis(sizes[i]) + _synthesis(sizes[i + 1],
-                                                                                        sizes[i]))
-                 for i in range(levels))
+    per_level = [_analysis(sizes[i]) + _synthesis(sizes[i + 1], sizes[i]) for i in range(levels)]
+    return tuple(tuple(m.astype(np.float32) for m in mats) for mats in per_level)
 
 
 def _apply(m_rows, m_cols, x):
