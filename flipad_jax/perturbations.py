@@ -102,7 +102,7 @@ class Perturbation:
 
     @property
     def name(self) -> str:
-        """The name used in tables and JSON: ``blur_3``, ``crop_60``, ``noise_0.05``, ``jpeg_90``."""
+        """The name in tables and JSON: ``blur_3``, ``crop_60``, ``noise_0.05``, ``jpeg_90``."""
         return f"{self.kind}_{self.strength:g}"
 
     def __str__(self) -> str:

@@ -12,8 +12,8 @@ by ``wrappers/fingerprinting.py``) turns one 8-bit image into a grey noise resid
 4. channels are mixed to grey with weights (0.29893602, 0.58704307, 0.11402090);
 5. on each of the four 2×2 polyphase sub-lattices, the mean, then the row means and the column
    means are subtracted;
-6. a Wiener filter in the DFT domain: the same shrinkage as step 2 applied to the magnitude
-   |F|/√(HW) of the 2-D DFT F, with σ the residual's own standard deviation (ddof=1).
+6. a Wiener filter in the DFT domain: each coefficient of the 2-D DFT F is scaled by the gain of
+   step 2 computed on the magnitudes |F|/√(HW), with σ the residual's own std (ddof=1).
 
 The fingerprint f_G is the mean residual over G's training images, made zero-mean and unit-norm;
 an image's score is s(x) = −⟨f_G, r̂(x)⟩ with r̂(x) its residual made zero-mean and unit-norm.
