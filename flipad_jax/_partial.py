@@ -25,7 +25,7 @@ SIDECAR_VERSION = 1
 IDENTITY = {"format": "another program", "version": "another sidecar version",
             "detector_sha256": "another detector", "inputs_sha256": "another input list",
             "shard": "another --shard", "out_format": "another output format",
-            "columns": "other columns (fitted fnrs)"}
+            "columns": "other columns (fitted fnrs)", "perturb": "another --perturb"}
 
 
 

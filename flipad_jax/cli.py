@@ -99,7 +99,24 @@ def _run_invert(args) -> int:
 
 # -- shared helpers of fit / score / evaluate ----------------------------------------------------
 
-METHOD_NAMES = {"flipad": "FLIPAD", "raw": "RawPAD", "dct": "DCTPAD"}
+METHOD_NAMES = {"flipad": "FLIPAD", "raw": "RawPAD", "dct": "DCTPAD", "sm_f": "SM-F"}
+
+
+def _perturbation(text: str):
+    from flipad_jax.perturbations import Perturbation
+
+    try:
+        return Perturbation.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_perturb_flags(p) -> None:
+    p.add_argument("--perturb", type=_perturbation, metavar="NAME=STRENGTH",
+                   help="perturb every 8-bit input first (paper Table 3): blur=1|3, crop=60|55 "
+                        "(of 64, scaled to the image size), noise=0.05|0.1, jpeg=90|80")
+    p.add_argument("--perturb-seed", type=int, default=0, metavar="S",
+                   help="seed of --perturb noise (each image's noise also depends on its name)")
 
 
 def _named_source(text: str) -> tuple:
@@ -154,7 +171,8 @@ def _add_fit_parser(subparsers):
         help="fit a FLIPAD / RawPAD / DCTPAD detector on G's and other samples",
         description="Train DeepSAD on features of G's samples (inliers) against other samples, "
                     "set the thresholds on G's validation samples, and save the detector.")
-    p.add_argument("--features", choices=["flipad", "raw", "dct"], required=True)
+    p.add_argument("--features", choices=list(METHOD_NAMES), required=True,
+                   help="flipad (needs --bundle), raw (RawPAD), dct (DCTPAD) or sm_f (SM-F)")
     p.add_argument("--bundle", help="head bundle of G (required for --features flipad)")
     p.add_argument("--model", action="append", required=True, metavar="SRC",
                    help=f"G's samples (repeatable): {SRC_HELP}")
@@ -189,6 +207,7 @@ def _add_fit_parser(subparsers):
     p.add_argument("--top-k", type=int, help="keep the k most different channels")
     p.add_argument("--seed", type=int, default=_TRAINING.seed,
                    help="seed of the validation split, the network and the shuffling")
+    _add_perturb_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_run_fit)
     return p
@@ -216,16 +235,16 @@ def _run_fit(args) -> int:
     else:
         fraction = 0.1 if args.val_fraction is None else args.val_fraction
         model_refs, val_refs = split_validation(model_refs, fraction, need=need, seed=args.seed,
-                                                what=f"--model {model_src} (--val-fraction, "
-                                                     f"⌈1/fnr⌉ for --fnr {min(fnrs)})")
+                                                what=f"--model {model_src}")
     head = None if args.bundle is None else Head.load(args.bundle)
     pixels = _pixel_range(head)
     shape, shape_from = (None, "") if head is None else (head.out_shape,
                                                          f"(the output of --bundle {args.bundle})")
+    perturb = dict(perturbation=args.perturb, seed=args.perturb_seed)
     x_model = read_images(model_refs, pixels, shape=shape, shape_from=shape_from,
-                          progress=not args.quiet)
+                          progress=not args.quiet, **perturb)
     like = dict(shape=x_model.shape[1:], shape_from=f"(the images of --model {model_src})",
-                progress=not args.quiet)
+                progress=not args.quiet, **perturb)
     x_val = read_images(val_refs, pixels, **like)
     x_other = read_images(list_images(args.other), pixels, **like)
     features = FeatureConfig(args.features, lam=args.lam, pool_to=args.pool_to, size=args.size,
@@ -272,6 +291,7 @@ def _add_score_parser(subparsers):
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="score part K (from 0) of N contiguous parts of the sorted inputs")
+    _add_perturb_flags(p)
     add_output_flags(p, "replace an existing OUT (and discard another run's OUT.partial)")
     p.set_defaults(func=_run_score)
     return p
@@ -291,7 +311,8 @@ def _run_score(args) -> int:
                    detector_sha256=scoring.detector_digest(args.detector), shard=f"{k}/{n}")
     path, resumed = scoring.write_scores(detector, refs, out, sidecar=sidecar,
                                          output_range=pixels, batch_size=args.batch_size,
-                                         overwrite=args.overwrite, progress=not args.quiet)
+                                         overwrite=args.overwrite, progress=not args.quiet,
+                                         perturbation=args.perturb, seed=args.perturb_seed)
     print(f"wrote {path} ({len(refs)} rows" + (f", {resumed} of them resumed from an earlier run"
                                                if resumed else "") + ")")
     return 0
@@ -323,6 +344,7 @@ def _add_evaluate_parser(subparsers):
     p.add_argument("--method-name", help="row label (default: FLIPAD, RawPAD or DCTPAD)")
     p.add_argument("--model-name", default="G", help="name of G in the table (default G)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
+    _add_perturb_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_run_evaluate)
     return p
@@ -348,7 +370,8 @@ def _run_evaluate(args) -> int:
     sources.update((name, list_images(src)) for name, src in args.other)
     scores = {name: scoring.score_all(detector, refs, output_range=pixels,
                                       batch_size=args.batch_size, progress=not args.quiet,
-                                      desc=f"scoring {name}")
+                                      desc=f"scoring {name}", perturbation=args.perturb,
+                                      seed=args.perturb_seed)
               for name, refs in sources.items()}
     s_model = scores.pop(args.model_name)
     method = args.method_name or METHOD_NAMES[detector.feature_config.kind]
@@ -360,6 +383,7 @@ def _run_evaluate(args) -> int:
         records, detector.thresholds_, out=args.out, overwrite=args.overwrite,
         title=f"{method} detector of {args.model_name}",
         meta=dict(detector=str(args.detector), method=method, model=args.model_name,
+                  perturb=None if args.perturb is None else str(args.perturb),
                   sources=dict([(args.model_name, args.model)] + list(args.other)),
                   counts={name: len(refs) for name, refs in sources.items()}))
     print(table)

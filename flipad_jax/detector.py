@@ -1,4 +1,5 @@
-"""``fj.Detector``: "made by G?" from FLIPAD, RawPAD or DCTPAD features with DeepSAD.
+"""``fj.Detector``: "made by G?" from FLIPAD, RawPAD or DCTPAD features with DeepSAD, or the
+SM-F fingerprint baseline.
 
 PyOD's vocabulary: ``fit`` learns from G's samples (inliers, +1) and other samples (real data or
 another model's, outliers, −1); ``score(x)`` is higher for samples *less* likely made by G;
@@ -14,7 +15,9 @@ Settings live in two objects with the paper's defaults: :class:`~flipad_jax.feat
 Pipeline (paper §4, METHOD.md §4): features (:mod:`flipad_jax.features`) → standardisation fitted
 on the training data (``FeatureConfig.standardize``; by default FLIPAD: inliers, DCTPAD: all,
 RawPAD: none) → optional top-k channel selection → DeepSAD (:mod:`flipad_jax.deepsad`) →
-thresholds on G's validation scores.
+thresholds on G's validation scores. SM-F (paper App. E, ``features="sm_f"``) replaces the last
+two steps by G's fingerprint, the mean noise residual of G's training images, and scores
+s(x) = −⟨f_G, r̂(x)⟩ (:mod:`flipad_jax.prnu`); it needs no other samples and no training.
 
 Every method takes images ``(B, C, H, W)`` or, with ``precomputed=True``, features already
 extracted (``detector.features(images)``, e.g. pooled ``head.invert(images).z`` computed elsewhere);
@@ -31,27 +34,36 @@ from flipad_jax._checks import check_floating
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel, fit_deepsad, score as deepsad_score
 from flipad_jax.features import FeatureConfig, Standardizer, top_channels
 from flipad_jax.metrics import check_fnr, made_by_g, min_validation_samples, threshold
+from flipad_jax.prnu import fingerprint as prnu_fingerprint, sm_f_scores
 
 DEFAULT_FNRS = (0.005, 0.05)  # the paper's fnr (App. G.1) and its Table 13's looser one
+
+
+class FingerprintModel(NamedTuple):
+    """SM-F's fitted state: G's fingerprint ``(H, W)`` float32, zero-mean and unit-norm."""
+
+    fingerprint: np.ndarray
 
 
 class DetectorState(NamedTuple):
     """Everything ``Detector.fit`` learns (what a saved detector holds besides its settings).
 
     Attributes:
-      network: ``(name, kwargs)`` of the DeepSAD network (kwargs include selected channels).
-      model: the trained :class:`~flipad_jax.deepsad.DeepSADModel` (variables, centre c).
+      network: ``(name, kwargs)`` of the DeepSAD network (kwargs include selected channels);
+        None for SM-F.
+      model: the trained :class:`~flipad_jax.deepsad.DeepSADModel` (variables, centre c), or
+        SM-F's :class:`FingerprintModel`.
       standardizer: :class:`~flipad_jax.features.Standardizer` or None.
       channels: indices of the top-k channels, or None.
       thresholds: {fnr: τ} for the fitted fnrs.
       val_scores: ``(n_val,)`` float32, G's validation scores.
       feature_shape: per-sample feature shape; input_shape: image shape seen by ``fit`` (None for
         precomputed features).
-      losses: ``(epochs,)`` mean training loss per epoch.
+      losses: ``(epochs,)`` mean training loss per epoch (empty for SM-F).
     """
 
     network: tuple
-    model: DeepSADModel
+    model: Union[DeepSADModel, FingerprintModel]
     standardizer: Optional[Standardizer]
     channels: Optional[list]
     thresholds: dict
@@ -69,11 +81,11 @@ def _check_fnrs(fnrs) -> tuple:
 
 
 class Detector:
-    """Single-model attribution detector (FLIPAD, RawPAD or DCTPAD + DeepSAD).
+    """Single-model attribution detector (FLIPAD, RawPAD or DCTPAD + DeepSAD; SM-F).
 
     Args:
       features: a :class:`~flipad_jax.features.FeatureConfig`, or its kind ("flipad", "raw",
-        "dct") for the paper's defaults.
+        "dct", "sm_f") for the paper's defaults.
       training: :class:`~flipad_jax.deepsad.DeepSADConfig` (default: the paper's).
       head: the generator's :class:`~flipad_jax.Head` (FLIPAD).
       fnrs: false-negative rates whose thresholds are fitted (any other on request).
@@ -177,31 +189,37 @@ class Detector:
                                    for f in (f_model, f_other, f_val))
         channels = (None if fc.top_k is None
                     else top_channels(f_model, f_other, fc.top_k).tolist())
-        x = np.concatenate([f_model, f_other])
-        y = np.r_[np.ones(len(f_model), np.int32), -np.ones(len(f_other), np.int32)]
-        fitted = fit_deepsad(x, y, self.training, progress=self.progress,
-                             extra_network_kwargs=None if channels is None
-                             else {"channels": channels})
-        val_scores = self._deepsad_scores(fitted.net, fitted.model, f_val)
-        self._net = fitted.net
+        if fc.kind == "sm_f":
+            self._net, network, losses = None, None, np.zeros((0,), np.float32)
+            model = FingerprintModel(prnu_fingerprint(f_model))
+        else:
+            x = np.concatenate([f_model, f_other])
+            y = np.r_[np.ones(len(f_model), np.int32), -np.ones(len(f_other), np.int32)]
+            fitted = fit_deepsad(x, y, self.training, progress=self.progress,
+                                 extra_network_kwargs=None if channels is None
+                                 else {"channels": channels})
+            self._net, network, model, losses = (fitted.net, fitted.network, fitted.model,
+                                                 fitted.log.loss)
+        val_scores = self._scores(model, f_val)
         self._state = DetectorState(
-            network=fitted.network, model=fitted.model, standardizer=standardizer,
-            channels=channels,
+            network=network, model=model, standardizer=standardizer, channels=channels,
             thresholds={fnr: threshold(val_scores, fnr) for fnr in self.fnrs},
             val_scores=val_scores, feature_shape=tuple(shape),
-            input_shape=None if precomputed else tuple(np.shape(x_model)[1:]),
-            losses=fitted.log.loss)
+            input_shape=None if precomputed else tuple(np.shape(x_model)[1:]), losses=losses)
         return self
 
-    def _deepsad_scores(self, net, model, f):
-        return deepsad_score(net, model, f, batch_size=self.training.score_batch_size,
+    def _scores(self, model, f):
+        if isinstance(model, FingerprintModel):
+            return sm_f_scores(model.fingerprint, f)
+        return deepsad_score(self._net, model, f, batch_size=self.training.score_batch_size,
                              progress=self.progress)
 
     def score(self, x, *, precomputed: bool = False) -> np.ndarray:
-        """Anomaly scores ‖φ(x) − c‖², ``(n,)`` float32: higher = less likely made by G."""
+        """Anomaly scores ``(n,)`` float32, higher = less likely made by G: ‖φ(x) − c‖²
+        (DeepSAD) or −⟨f_G, r̂(x)⟩ (SM-F)."""
         state = self.state_
         f = self._standardize(state.standardizer, self._inputs("x", x, precomputed))
-        return self._deepsad_scores(self._net, state.model, f)
+        return self._scores(state.model, f)
 
     decision_function = score  # PyOD's name
 
@@ -245,7 +263,8 @@ class Detector:
         det.feature_config, det.training, det.fnrs = saved.features, saved.training, saved.fnrs
         det.progress = saved.progress if progress is None else progress
         det.head = head
-        det._net = build_network(saved.state.network[0], **saved.state.network[1])
+        network = saved.state.network
+        det._net = None if network is None else build_network(network[0], **network[1])
         det._state = saved.state
         return det
 

@@ -53,9 +53,11 @@ def shard(refs: Sequence[ImageRef], k: int, n: int) -> list[ImageRef]:
 
 
 def score_batches(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0),
-                  batch_size: int = 256) -> Iterator[tuple[list[ImageRef], np.ndarray]]:
+                  batch_size: int = 256, perturbation=None, seed: int = 0
+                  ) -> Iterator[tuple[list[ImageRef], np.ndarray]]:
     """Yield ``(refs_batch, scores)`` for consecutive batches of ``refs``, reading only one batch
-    of images at a time; images are checked against the detector's input shape. The arguments
+    of images at a time; images are checked against the detector's input shape, and perturbed
+    first if ``perturbation`` is given (:func:`flipad_jax.images.read_images`). The arguments
     are checked at the call, before any image is read."""
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"--batch-size {batch_size!r}: expected an int >= 1")
@@ -68,19 +70,22 @@ def score_batches(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0
         for start in range(0, len(refs), batch_size):
             batch = list(refs[start:start + batch_size])
             images = read_images(batch, output_range, shape=shape,
-                                 shape_from="(the detector's input shape)")
+                                 shape_from="(the detector's input shape)",
+                                 perturbation=perturbation, seed=seed)
             yield batch, np.asarray(detector.score(images), np.float32)
 
     return batches()
 
 
 def score_all(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0),
-              batch_size: int = 256, progress: bool = False, desc: str = "scoring") -> np.ndarray:
+              batch_size: int = 256, progress: bool = False, desc: str = "scoring",
+              perturbation=None, seed: int = 0) -> np.ndarray:
     """Scores of all ``refs`` (in order), computed batch by batch as in :func:`score_batches`."""
     out = []
     with tqdm(total=len(refs), disable=not progress, desc=desc, unit="img") as bar:
         for batch, scores in score_batches(detector, refs, output_range=output_range,
-                                           batch_size=batch_size):
+                                           batch_size=batch_size, perturbation=perturbation,
+                                           seed=seed):
             out.append(scores)
             bar.update(len(batch))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
@@ -112,7 +117,7 @@ def check_output(out, *, overwrite: bool = False) -> Path:
 
 def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
                  output_range=(-1.0, 1.0), batch_size: int = 256, overwrite: bool = False,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, perturbation=None, seed: int = 0) -> Path:
     """Score ``refs`` with ``detector`` into ``out`` (.csv or .jsonl), resumably (module doc).
 
     Args:
@@ -121,6 +126,8 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
       sidecar: what identifies this run besides the inputs and format, e.g.
         ``{"detector": path, "detector_sha256": detector_digest(path), "shard": "0/1"}``.
       overwrite: replace an existing ``out``; discard a partial file of another run.
+      perturbation, seed: perturb the 8-bit inputs first (recorded in the sidecar, so a resumed
+        run must use the same).
 
     Returns:
       ``(out, resumed)``: the path written and how many rows came from an earlier run.
@@ -128,7 +135,8 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
     out = check_output(out, overwrite=overwrite)
     fmt = row_format(out, detector.thresholds_)
     names = [r.name for r in refs]
-    sidecar = dict(sidecar, inputs_sha256=inputs_digest(names), n_inputs=len(names))
+    sidecar = dict(sidecar, inputs_sha256=inputs_digest(names), n_inputs=len(names),
+                   perturb=None if perturbation is None else [str(perturbation), seed])
     score_batches(detector, [], batch_size=batch_size)  # checks the arguments
     with PartialOutput(out, fmt, sidecar, overwrite=overwrite) as sink:
         done = set(sink.done)
@@ -138,7 +146,8 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
         with tqdm(total=len(refs), initial=len(done), disable=not progress, desc="scoring",
                   unit="img") as bar:
             for batch, scores in score_batches(detector, todo, output_range=output_range,
-                                               batch_size=batch_size):
+                                               batch_size=batch_size, perturbation=perturbation,
+                                               seed=seed):
                 sink.append(fmt.lines([r.name for r in batch], scores, detector.thresholds_),
                             len(batch))
                 bar.update(len(batch))
