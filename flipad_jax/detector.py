@@ -33,7 +33,8 @@ import numpy as np
 from flipad_jax._checks import check_floating
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel, fit_deepsad, score as deepsad_score
 from flipad_jax.features import FeatureConfig, Standardizer, top_channels
-from flipad_jax.metrics import check_fnr, made_by_g, min_validation_samples, threshold
+from flipad_jax.metrics import (check_fnr, made_by_g, min_validation_samples, p_values,
+                                threshold)
 from flipad_jax.prnu import fingerprint as prnu_fingerprint, sm_f_scores
 
 DEFAULT_FNRS = (0.005, 0.05)  # the paper's fnr (App. G.1) and its Table 13's looser one
@@ -222,6 +223,12 @@ class Detector:
         return self._scores(state.model, f)
 
     decision_function = score  # PyOD's name
+
+    def p_value(self, x, *, precomputed: bool = False) -> np.ndarray:
+        """Split-conformal p-values of "made by G" from the validation scores, ``(n,)``
+        (:func:`flipad_jax.metrics.p_values`): rejecting where p ≤ α has false-negative rate
+        ≤ α for samples of G exchangeable with the validation set."""
+        return p_values(self.val_scores_, self.score(x, precomputed=precomputed))
 
     def threshold(self, fnr: float) -> float:
         """τ(fnr): fitted value, or the (1 − fnr) quantile of ``val_scores_`` for another fnr."""
