@@ -11,7 +11,8 @@ Subcommands:
 * ``flipad evaluate``: accuracy at each fitted fnr and AUC against other sources, as a table.
 
 Every refused input prints ``flipad <command>: error: ...`` naming the file or value and what
-was expected, and exits with status 1.
+was expected, and exits with status 1; a usage error exits with 2 (argparse's convention), an
+unexpected error (a bug) with 3, its traceback shown under ``flipad --verbose``.
 
 ``convert`` and ``sample`` come from ``converters`` through the ``flipad.subcommands`` entry
 points; torch is imported only when one of them runs, so ``flipad --help`` and ``flipad invert``
@@ -392,23 +393,20 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with exit status 1 for usage errors, like every other refused input."""
-
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser, with subcommands that other packages register under the entry-point group
     ``flipad.subcommands`` (``converters`` adds convert and sample): flipad_jax never imports
     the torch side by name."""
     from importlib.metadata import entry_points
 
-    parser = _Parser(
+    from flipad_jax import __version__
+
+    parser = argparse.ArgumentParser(
         prog="flipad", description="Single-model attribution of generative models by "
                                    "final-layer inversion (FLIPAD), in JAX.")
+    parser.add_argument("--version", action="version", version=f"flipad-jax {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of an unexpected error")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for entry in sorted(entry_points(group="flipad.subcommands"), key=lambda e: e.name):
         entry.load()(subparsers)
@@ -418,12 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a subcommand. Exit status: 0 done, 1 refused input (ValueError, OSError: the message
+    names the value and what was expected), 2 usage error (argparse's convention), 3 an
+    unexpected error, which is a bug (its traceback with ``--verbose``)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError) as error:
         print(f"flipad {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # noqa: BLE001 - anything else is a bug, reported as one
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"flipad {args.command}: internal error (a bug; please report it with the output "
+              f"of --verbose): {type(error).__name__}: {error}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

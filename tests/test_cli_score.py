@@ -238,11 +238,24 @@ def test_bad_images_are_refused_naming_the_file(setup, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "s.txt").exists()
 
 
-def test_usage_errors_exit_1(capsys):
+def test_exit_status_tells_usage_errors_refusals_and_bugs_apart(capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         main(["score", "det"])
-    assert info.value.code == 1
+    assert info.value.code == 2  # argparse's convention for usage errors
     assert "flipad score: error: the following arguments are required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("flipad-jax ")
+    from flipad_jax import scoring
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(scoring, "parse_shard", broken)
+    assert main(["score", "det", "x.npy", "--out", "s.csv"]) == 3
+    assert "internal error (a bug" in capsys.readouterr().err
+    assert main(["--verbose", "score", "det", "x.npy", "--out", "s.csv"]) == 3
+    assert "Traceback" in capsys.readouterr().err
 
 
 def _conv_head_bundle(path, seed):
