@@ -67,18 +67,17 @@ def _chain(model: nn.Module) -> list:
         "medigan_dcgan, klwgan) or a plain nn.Sequential of supported layers")
 
 
-def _bake_reparametrizations(model: nn.Module) -> None:
-    """Replace spectral-norm hooks and parametrizations by the eval-mode weights they compute, so
-    the float32 bundle and the float64 self-check reference use the same effective weights."""
-    from torch.nn.utils import parametrize
+def _bake_spectral_norm(model: nn.Module) -> None:
+    """Replace ``nn.utils.spectral_norm`` hooks (KL-WGAN's) by the eval-mode weight W/σ they
+    compute, so the float32 bundle and the float64 self-check reference share that weight.
+    ``model`` must be a copy: the hooks are removed in place. (Weights under
+    ``nn.utils.parametrize`` are read as computed in eval mode instead; removing those would
+    change the class that the copy shares with the caller's module.)"""
     from torch.nn.utils.spectral_norm import SpectralNorm, remove_spectral_norm
 
     for m in model.modules():
         if any(isinstance(h, SpectralNorm) for h in m._forward_pre_hooks.values()):
             remove_spectral_norm(m)
-        if parametrize.is_parametrized(m):
-            for name in list(m.parametrizations):
-                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
 
 
 def _flatten(prefix: str, module: nn.Module):
@@ -189,7 +188,7 @@ def convert_generator(model, out, *, arch: Optional[str] = None,
     latent_shape = tuple(int(d) for d in source.latent_shape)
     gen = copy.deepcopy(source.model).float().eval()
     check_z = latents(check_seed, 0, check_samples, latent_shape)
-    _bake_reparametrizations(gen)
+    _bake_spectral_norm(gen)
     with torch.no_grad():
         x32 = gen(check_z)
     layers, arrays = describe(gen, latent_shape)
