@@ -53,7 +53,7 @@ from flipad_jax._checks import check_finite, check_floating
 from flipad_jax._files import atomic_file
 from flipad_jax.detector import DEFAULT_FNRS
 from flipad_jax.generators import Generator
-from flipad_jax.metrics import check_fnr, threshold
+from flipad_jax.metrics import check_fnr, min_validation_samples, threshold
 
 RESTARTS = 10    # paper App. G / reference --num-inits-inv
 STEPS = 1000     # reference --num-steps-inv
@@ -231,6 +231,11 @@ class SMInv2:
 
     def fit(self, x_train) -> "SMInv2":
         """Score G's training samples ``(n, *out_shape)`` and fit τ(fnr) for every fnr on them."""
+        x_train = check_images(self.generator, x_train)
+        need = max(min_validation_samples(f) for f in self.config["fnrs"])
+        if x_train.shape[0] < need:  # checked before the costly inversion
+            raise ValueError(f"x_train has {x_train.shape[0]} samples: expected at least {need} "
+                             f"(⌈1/fnr⌉ for fnrs={self.config['fnrs']}) for the thresholds")
         scores = self._reconstruct(x_train, 0).distance
         self.thresholds_ = {fnr: threshold(scores, fnr) for fnr in self.config["fnrs"]}
         self.train_scores_ = scores
