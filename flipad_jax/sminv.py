@@ -33,7 +33,8 @@ package ships no such ``phi``.
 
 Cost: restarts × steps forward+backward passes of G per sample (10 000 for the paper's settings),
 the most expensive method of the paper's Table 6. All restarts and a batch of samples run as one
-batch of R·B latents inside one jitted ``lax.scan``.
+batch of R·B latents through one jitted Adam step (see ``_reconstruct_batch`` for why a loop of
+jitted steps and not a ``lax.scan``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 from tqdm.auto import tqdm
 
 from flipad_jax._checks import check_finite, check_floating
@@ -97,29 +97,52 @@ def _distances(generator, features, z, target):
     return jnp.mean(jnp.square(out - target), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "features"))
-def _reconstruct_batch(generator: Generator, images, z0, lr, *, steps: int,
-                       features: Optional[Callable]):
-    """R restarts × B samples of Adam; returns (ẑ ``(B, *latent)``, d ``(B,)``, restart
-    ``(B,)``, d per restart ``(B, R)``)."""
-    restarts, batch = z0.shape[:2]
-    target = (images if features is None else features(images)).reshape((batch, -1))
-    z = z0.reshape((restarts * batch,) + z0.shape[2:])
-    opt = optax.adam(lr)  # PyTorch's Adam defaults: betas (0.9, 0.999), eps 1e-8
+def _adam(lr):
+    return optax.adam(lr)  # PyTorch's Adam defaults: betas (0.9, 0.999), eps 1e-8
 
-    def loss(z):  # the sum of per-latent losses: each latent gets the gradient of its own d
+
+def _target(images, features):
+    """Flat ``(B, F)`` pixels or features of the images to reconstruct."""
+    return (images if features is None else features(images)).reshape((images.shape[0], -1))
+
+
+@functools.partial(jax.jit, static_argnames=("features",), donate_argnums=(1, 2))
+def _adam_step(generator: Generator, z, state, target, lr, *, features: Optional[Callable]):
+    """One Adam step on every latent ``(R·B, *latent)``; each gets the gradient of its own d
+    (the loss is the sum of the per-latent distances)."""
+    def loss(z):
         return jnp.sum(_distances(generator, features, z, target))
 
-    def step(carry, _):
-        z, state = carry
-        updates, state = opt.update(jax.grad(loss)(z), state)
-        return (optax.apply_updates(z, updates), state), None
+    updates, state = _adam(lr).update(jax.grad(loss)(z), state)
+    return optax.apply_updates(z, updates), state
 
-    (z, _), _ = lax.scan(step, (z, opt.init(z)), None, length=steps)
+
+@functools.partial(jax.jit, static_argnames=("restarts", "features"))
+def _best(generator: Generator, z, target, *, restarts: int, features: Optional[Callable]):
+    """The restart with the lowest final d per sample: (ẑ ``(B, *latent)``, d ``(B,)``,
+    restart ``(B,)``, d per restart ``(B, R)``)."""
     d = _distances(generator, features, z, target)                     # (R, B)
-    best = jnp.argmin(d, axis=0)                                        # (B,)
-    z_best = z.reshape(z0.shape)[best, jnp.arange(batch)]
+    batch = d.shape[1]
+    best = jnp.argmin(d, axis=0)
+    z_best = z.reshape((restarts, batch) + z.shape[1:])[best, jnp.arange(batch)]
     return z_best, d[best, jnp.arange(batch)], best, d.T
+
+
+def _reconstruct_batch(generator: Generator, images, z0, lr, *, steps: int,
+                       features: Optional[Callable]):
+    """R restarts × B samples of Adam from ``z0`` ``(R, B, *latent)``.
+
+    The steps run as a Python loop over one jitted, buffer-donating step rather than inside a
+    ``lax.scan``: XLA:CPU runs convolutions inside a loop body far slower than at top level
+    (measured on the demo DCGAN, 160 latents, 20 steps: scan 17 s, loop 0.96 s); on a GPU the
+    per-step dispatch is asynchronous, so the loop costs little there either."""
+    restarts, batch = z0.shape[:2]
+    target = _target(images, features)
+    z = z0.reshape((restarts * batch,) + z0.shape[2:])
+    state = _adam(lr).init(z)
+    for _ in range(steps):
+        z, state = _adam_step(generator, z, state, target, lr, features=features)
+    return _best(generator, z, target, restarts=restarts, features=features)
 
 
 def _positive_int(name, value):

@@ -15,7 +15,7 @@ from converters.generators import build_generator  # noqa: E402
 from flipad_jax.datasets import fashion_mnist  # noqa: E402
 from flipad_jax.generators import Generator  # noqa: E402
 from flipad_jax.images import pixels_to_range  # noqa: E402
-from flipad_jax.sminv import SMInv2, initial_latents, reconstruct  # noqa: E402
+from flipad_jax.sminv import SMInv2, _adam_step, initial_latents, reconstruct  # noqa: E402,E501
 
 pytestmark = pytest.mark.torch
 
@@ -104,7 +104,9 @@ def test_results_do_not_depend_on_batching(small):
     x = np.random.default_rng(1).uniform(-1, 1, (3, 1, 16, 16)).astype(np.float32)
     kw = dict(key=jax.random.key(2), restarts=3, steps=4, progress=False)
     whole = reconstruct(gen, x, batch_size=3, **kw)
+    compiled = _adam_step._cache_size()
     padded = reconstruct(gen, x, batch_size=2, **kw)  # a batch of 2, then 1 padded to 2
+    assert _adam_step._cache_size() == compiled + 1  # one compilation for both calls
     for a, b in zip(whole, padded):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert whole.z.shape == (3, 8, 1, 1) and whole.restart_distances.shape == (3, 3)
