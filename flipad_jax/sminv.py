@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -49,11 +50,15 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from flipad_jax._checks import check_finite, check_floating
-from flipad_jax._files import atomic_file
-from flipad_jax.detector import DEFAULT_FNRS
+from flipad_jax._checks import check_finite, check_floating, check_int
+from flipad_jax._files import atomic_dir, check_new_path
+from flipad_jax.detector import DEFAULT_FNRS, check_fnrs
 from flipad_jax.generators import Generator
-from flipad_jax.metrics import check_fnr, min_validation_samples, threshold
+from flipad_jax.metrics import (check_fnr, made_by_g, min_validation_samples, p_values,
+                                threshold)
+
+FORMAT = "flipad_sm_inv2"
+META_FILE = "sm_inv2.json"
 
 RESTARTS = 10    # paper App. G / reference --num-inits-inv
 STEPS = 1000     # reference --num-steps-inv
@@ -145,12 +150,6 @@ def _reconstruct_batch(generator: Generator, images, z0, lr, *, steps: int,
     return _best(generator, z, target, restarts=restarts, features=features)
 
 
-def _positive_int(name, value):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
-    return int(value)
-
-
 def _check_lr(lr) -> float:
     if isinstance(lr, bool) or not np.isscalar(lr) or not (np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr={lr!r}: expected a positive finite number")
@@ -191,9 +190,9 @@ def reconstruct(generator: Generator, images, *, key, restarts: int = RESTARTS,
     Returns:
       :class:`Reconstruction` of numpy arrays in the images' dtype.
     """
-    restarts = _positive_int("restarts", restarts)
-    steps = _positive_int("steps", steps)
-    batch_size = _positive_int("batch_size", batch_size)
+    restarts = check_int("restarts", restarts)
+    steps = check_int("steps", steps)
+    batch_size = check_int("batch_size", batch_size)
     lr = _check_lr(lr)
     images = check_images(generator, images)
     n = images.shape[0]
@@ -226,23 +225,25 @@ class SMInv2:
       seed: seed of the initial latents (fit and score draw from separate streams).
       progress: show progress bars.
 
-    Fitted attributes: ``train_scores_`` (n_train,), ``thresholds_`` {fnr: τ}.
+    Fitted attributes: ``train_scores_`` (n_train,), ``thresholds_`` {fnr: τ}; ``val_scores_``
+    is ``train_scores_`` (the scores thresholds and p-values are calibrated on) and
+    ``input_shape_`` the generator's image shape, as ``flipad score`` reads them off any
+    detector.
     """
+
+    kind = "sm_inv2"  # the method's name, as Detector.kind
 
     def __init__(self, generator: Generator, *, restarts: int = RESTARTS, steps: int = STEPS,
                  lr: float = LR, batch_size: int = BATCH_SIZE,
                  features: Optional[Callable] = None, fnrs: Sequence[float] = DEFAULT_FNRS,
                  seed: int = 0, progress: bool = True):
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed={seed!r}: expected an int >= 0")
-        fnrs = tuple(sorted({check_fnr(f) for f in fnrs}))
-        if not fnrs:
-            raise ValueError("fnrs=(): expected at least one false-negative rate")
+        check_int("seed", seed, minimum=0)
+        fnrs = check_fnrs(fnrs)
         self.generator = generator
         self.features = features
-        self.config = dict(restarts=_positive_int("restarts", restarts),
-                           steps=_positive_int("steps", steps), lr=_check_lr(lr),
-                           batch_size=_positive_int("batch_size", batch_size), fnrs=list(fnrs),
+        self.config = dict(restarts=check_int("restarts", restarts),
+                           steps=check_int("steps", steps), lr=_check_lr(lr),
+                           batch_size=check_int("batch_size", batch_size), fnrs=list(fnrs),
                            seed=int(seed), progress=bool(progress))
 
     def _reconstruct(self, x, stream: int) -> Reconstruction:
@@ -264,9 +265,22 @@ class SMInv2:
         self.train_scores_ = scores
         return self
 
+    @property
+    def val_scores_(self) -> np.ndarray:
+        self._check_fitted()
+        return self.train_scores_
+
+    @property
+    def input_shape_(self) -> tuple:
+        return tuple(self.generator.out_shape)
+
     def score(self, x) -> np.ndarray:
         """s(x) ``(n,)``: the best restart's reconstruction distance."""
         return self._reconstruct(x, 1).distance
+
+    def p_value(self, x) -> np.ndarray:
+        """Split-conformal p-values of "made by G", calibrated on the training scores."""
+        return p_values(self.val_scores_, self.score(x))
 
     def threshold(self, fnr: float) -> float:
         """τ(fnr), fitted or computed from the stored training scores."""
@@ -278,43 +292,53 @@ class SMInv2:
     def predict(self, x, fnr: Optional[float] = None) -> np.ndarray:
         """True where x is attributed to G (s(x) ≤ τ(fnr)); fnr defaults to the smallest fitted."""
         tau = self.threshold(self.config["fnrs"][0] if fnr is None else fnr)
-        return self.score(x) <= tau
+        return made_by_g(self.score(x), tau)
 
     def _check_fitted(self):
         if not hasattr(self, "thresholds_"):
             raise ValueError("this SMInv2 is not fitted: call fit(x_train) first")
 
-    def save(self, path) -> None:
-        """Write settings, thresholds and training scores as JSON to the file ``path``
-        (atomically). The generator is not copied; :meth:`load` takes it and checks it."""
+    def save(self, path, *, overwrite: bool = False):
+        """Write settings, thresholds and training scores to the folder ``path`` (``sm_inv2.json``,
+        atomically); returns the path. The generator is not copied; :meth:`load` takes it and
+        checks it."""
         self._check_fitted()
         if self.features is not None:
             raise ValueError("features: a custom feature map cannot be saved; save the "
                              "pixel-space SM-Inv₂ only")
-        meta = {"format": "flipad_sm_inv2", "format_version": 1, "config": self.config,
+        meta = {"format": FORMAT, "format_version": 1, "config": self.config,
                 "generator_source": self.generator.meta.get("source"),
                 "thresholds": [[f, t] for f, t in sorted(self.thresholds_.items())],
                 "train_scores": [float(s) for s in self.train_scores_]}
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        with atomic_dir(check_new_path(path, overwrite=overwrite), overwrite=overwrite) as tmp:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @staticmethod
+    def is_saved(path) -> bool:
+        """Whether ``path`` is a folder written by :meth:`save`."""
+        return (Path(path) / META_FILE).is_file()
 
     @classmethod
-    def load(cls, path, generator: Generator) -> "SMInv2":
+    def load(cls, path, generator: Generator, *, progress: Optional[bool] = None) -> "SMInv2":
         """Read an :class:`SMInv2` written by :meth:`save`; ``generator`` must be the one it was
         fitted with (compared by its source's sha256)."""
         try:
-            meta = json.loads(open(path, encoding="utf-8").read())
+            meta = json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"path={str(path)!r}: not a readable SM-Inv₂ file ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != "flipad_sm_inv2" or \
+            raise ValueError(f"path={str(path)!r}: not a readable SM-Inv₂ folder ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or \
                 meta.get("format_version") != 1:
-            raise ValueError(f"path={str(path)!r}: expected a file written by SMInv2.save "
-                             "(format 'flipad_sm_inv2', version 1)")
+            raise ValueError(f"path={str(path)!r}: expected a folder written by SMInv2.save "
+                             f"(format {FORMAT!r}, version 1)")
         if meta["generator_source"] != generator.meta.get("source"):
             raise ValueError(f"generator: its source {generator.meta.get('source')} differs from "
                              f"the fitted one's {meta['generator_source']}: expected the "
                              "generator the detector was fitted with")
-        det = cls(generator, **{k: v for k, v in meta["config"].items()})
+        config = dict(meta["config"])
+        if progress is not None:
+            config["progress"] = progress
+        det = cls(generator, **config)
         det.thresholds_ = {float(f): float(t) for f, t in meta["thresholds"]}
         det.train_scores_ = np.asarray(meta["train_scores"], np.float64)
         return det
