@@ -49,7 +49,8 @@ def test_the_detectors_use_the_authors_settings(demo):
     # RawPAD's rows are precomputed features: (11,) in, no image shape.
     raw = Detector.load(out / "work" / "detectors" / "rawpad_redwine", progress=False)
     assert raw.feature_shape_ == (11,) and raw.input_shape_ is None
-    assert raw.network_[0] == "mlp" and list(raw.network_[1]["hidden"]) == [512, 1024, 512, 256, 128]
+    name, kwargs = raw.network_
+    assert name == "mlp" and list(kwargs["hidden"]) == [512, 1024, 512, 256, 128]
 
 
 def test_a_rerun_reuses_every_stage(demo, monkeypatch):
