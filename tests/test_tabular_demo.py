@@ -9,10 +9,12 @@ pytest.importorskip("torch")
 
 from converters.tabular_demo import OTHERS, TabularSettings, run_tabular_demo  # noqa: E402
 from flipad_jax.detector import Detector  # noqa: E402
+from flipad_jax.sminv import SMInv2  # noqa: E402
 
 # 200 validation rows: the fewest that realise fnr 0.005 (metrics.min_validation_samples).
-TINY = TabularSettings(n_train=200, n_val=200, n_test=50, zbar_samples=200, epochs=1,
-                       lasso_max_iter=200)
+# SM-Inv₂ calibrates on 200 of G's training rows, for the same reason.
+TINY = TabularSettings(n_train=200, n_val=200, n_test=200, zbar_samples=200, epochs=1,
+                       lasso_max_iter=200, sminv_rows=200, sminv_steps=5)
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +27,16 @@ def test_results_have_the_image_demos_shape(demo):
     out, results = demo
     assert json.loads((out / "results.json").read_text()) == results
     assert results["datasets"] == ["redwine", "whitewine"]
-    assert set(results["methods"]) == {"flipad", "rawpad"}
+    assert set(results["methods"]) == {"flipad", "rawpad", "sm_inv2"}
     for m in results["methods"].values():
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["auc"] <= 1 and m["pairs"] == 6
-    assert len(results["pairs"]) == 2 * 2 * len(OTHERS)
+    assert len(results["pairs"]) == 3 * 2 * len(OTHERS)
     for rec in results["pairs"]:
         assert rec["other"] in OTHERS and rec["model"] == f"klwgan_{rec['dataset']}"
         rates = [v for k, v in rec.items() if k == "auc" or k.startswith(("acc@", "tpr@", "tnr@"))]
         assert all(0 <= v <= 1 for v in rates)
-    assert set(results["timings_s"]) >= {"convert", "sample", "fit flipad", "fit rawpad"}
+    assert set(results["timings_s"]) >= {"convert", "sample", "fit flipad", "fit rawpad",
+                                         "sm_inv2"}
     tables = (out / "tables.md").read_text()
     assert "Table 5 (Redwine)" in tables and "Table 15 (Whitewine)" in tables
     assert "91.18" in tables  # the paper's FLIPAD accuracy against TVAE beside ours
@@ -63,6 +66,7 @@ def test_a_rerun_reuses_every_stage(demo, monkeypatch):
         raise AssertionError("a detector was fitted again")
 
     monkeypatch.setattr(Detector, "fit", refit)
+    monkeypatch.setattr(SMInv2, "fit", refit)
     again = run_tabular_demo(out, settings=TINY, progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     for a, b in zip(first["pairs"], again["pairs"]):
@@ -78,6 +82,13 @@ def test_refuses_a_folder_that_is_not_a_demo_run(tmp_path):
     with pytest.raises(ValueError, match="not a demo folder"):
         run_tabular_demo(tmp_path, settings=TINY, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_refuses_more_sminv2_rows_than_the_sets_have(tmp_path):
+    with pytest.raises(ValueError, match="sminv_rows=300"):
+        run_tabular_demo(tmp_path / "demo", settings=TINY._replace(sminv_rows=300),
+                         progress=False)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_refuses_a_run_with_other_settings(demo):
