@@ -71,8 +71,8 @@ class TabularSettings(NamedTuple):
 
     ``n_train`` rows per class, ``n_val`` of G, ``n_test`` per source; ``lasso_max_iter`` caps
     the reference solver's 10 000 iterations; SM-Inv₂ calibrates on G's first ``sminv_rows``
-    training rows and scores the first ``sminv_rows`` test rows of each source (0: not run), with ``sminv_steps`` Adam steps per restart (the
-    paper's 1000).
+    training rows and scores the first ``sminv_rows`` test rows of each source (0: not run),
+    with ``sminv_steps`` Adam steps per restart (the paper's 1000).
     """
 
     n_train: int
