@@ -25,7 +25,7 @@ def demo(tmp_path_factory):
 
 def test_results_have_the_image_demos_shape(demo):
     out, results = demo
-    assert json.loads((out / "results.json").read_text()) == results
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert results["datasets"] == ["redwine", "whitewine"]
     assert set(results["methods"]) == {"flipad", "rawpad", "sm_inv2"}
     for m in results["methods"].values():
@@ -89,6 +89,12 @@ def test_refuses_more_sminv2_rows_than_the_sets_have(tmp_path):
         run_tabular_demo(tmp_path / "demo", settings=TINY._replace(sminv_rows=300),
                          progress=False)
     assert not (tmp_path / "demo").exists()
+
+
+def test_refuses_unknown_datasets(tmp_path):
+    with pytest.raises(ValueError, match="rosewine"):
+        run_tabular_demo(tmp_path / "demo", settings=TINY._replace(datasets=("rosewine",)),
+                         progress=False)
 
 
 def test_refuses_a_run_with_other_settings(demo):
