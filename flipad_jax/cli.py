@@ -365,7 +365,8 @@ def _write_report(args, detector, refs):
     path, records = write_report(args.report, detector, refs, detector_path=args.detector,
                                  bundle_path=args.bundle, batch_size=args.batch_size,
                                  perturbation=args.perturb, seed=args.perturb_seed,
-                                 overwrite=args.overwrite, progress=not args.quiet)
+                                 overwrite=args.overwrite, command=args.argv,
+                                 progress=not args.quiet)
     print(f"wrote {path} ({len(records)} records and index.html)")
     return records
 
@@ -512,6 +513,7 @@ def main(argv=None) -> int:
     names the value and what was expected), 2 usage error (argparse's convention), 3 an
     unexpected error, which is a bug (its traceback with ``--verbose``)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv) if argv is None else ["flipad", *argv]  # recorded in evidence
     try:
         return args.func(args)
     except (ValueError, OSError) as error:
