@@ -78,7 +78,8 @@ def score_image(val_scores, score: float, thresholds: dict, *, bins: int = 30,
                            fill=(170, 170, 170))
     draw.line([left, top + ph, left + pw, top + ph], fill="black")
     for t in np.linspace(lo, hi, 5):
-        draw.text((x_of(t) - 14, top + ph + 6), f"{t:.3g}", fill="black", font=font)
+        draw.text((min(max(x_of(t) - 14, 2), w - 44), top + ph + 6), f"{t:.3g}", fill="black",
+                  font=font)
     for fnr, tau in sorted(thresholds.items()):
         for y in range(top, top + ph, 6):
             draw.line([x_of(tau), y, x_of(tau), min(y + 3, top + ph)], fill="black")
