@@ -114,7 +114,7 @@ def test_page_is_one_self_contained_file(raw, tmp_path):
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
 
 
-@pytest.mark.parametrize("change", ["png", "npy", "detector_meta", "detector_arrays"])
+@pytest.mark.parametrize("change", ["png", "npy", "detector_meta", "detector_arrays", "record"])
 def test_verify_detects_a_one_byte_change(raw, tmp_path, capsys, change):
     src, _ = raw
     d = tmp_path / "inputs"
@@ -132,9 +132,14 @@ def test_verify_detects_a_one_byte_change(raw, tmp_path, capsys, change):
         digit = tau.end(1) - 1
         meta = meta[:digit] + str((int(meta[digit]) + 1) % 10) + meta[digit + 1:]
         (d / "det" / "meta.json").write_text(meta)
-    else:
+    elif change == "detector_arrays":
         _flip(max((p for p in (d / "det" / "arrays").rglob("*") if p.is_file()),
                   key=lambda p: p.stat().st_size))
+    else:  # the record itself: a verdict turned round
+        path = report / "samples" / "000001.json"
+        rec = json.loads(path.read_text())
+        rec["decisions"][0]["made_by_g"] = not rec["decisions"][0]["made_by_g"]
+        path.write_text(json.dumps(rec))
     code, out = _verify(report, capsys)
     assert code == 1 and "records match" in out
     if change == "png":
@@ -143,6 +148,9 @@ def test_verify_detects_a_one_byte_change(raw, tmp_path, capsys, change):
     elif change == "npy":  # every row's hash covers its file's hash; the last row's score moved
         assert out.count("DIFFERS") == 5 and "image.file_sha256" in out
         assert out.split(f"{d / 'test.npy'}[4]")[1].count("score: recorded") == 1
+    elif change == "record":
+        assert out.count("DIFFERS") == 1 and f"DIFFERS  {d / 'test.npy'}[0]\n" in out
+        assert "decisions.0.made_by_g: recorded" in out
     else:
         assert out.count("DIFFERS") == 6 and out.count("detector.sha256: recorded") == 6
         if change == "detector_meta":
@@ -225,3 +233,15 @@ def test_an_existing_report_folder_is_refused_untouched(raw, tmp_path, capsys):
     assert [p.name for p in report.iterdir()] == ["keep.txt"]
     assert main(["verify", str(tmp_path / "report")]) == 1
     assert "no report.json" in capsys.readouterr().err
+
+
+def test_a_refused_input_leaves_no_report(raw, tmp_path, capsys):
+    d, _ = raw
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
+    report = tmp_path / "report"
+    assert main(["explain", str(d / "det"), str(d / "test.npy"), str(tmp_path / "rgb.png"),
+                 "--report", str(report), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert (f"{tmp_path / 'rgb.png'}: image of shape (C, H, W) = (3, 8, 8), "
+            "expected (1, 8, 8)") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.png"]
