@@ -245,3 +245,22 @@ def test_a_refused_input_leaves_no_report(raw, tmp_path, capsys):
     assert (f"{tmp_path / 'rgb.png'}: image of shape (C, H, W) = (3, 8, 8), "
             "expected (1, 8, 8)") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.png"]
+
+
+def test_sm_f_report_with_negative_scores_verifies(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    images = lambda n, mean: np.tanh(rng.normal(mean, 0.5, (n, 1, 16, 16))).astype(np.float32)
+    x_model = images(40, 0.5)
+    Detector("sm_f", fnrs=(0.05,), progress=False).fit(
+        x_model, images(4, 0.0), images(24, 0.5)).save(tmp_path / "det")
+    # G's own training images share its fingerprint: negative scores
+    np.save(tmp_path / "x.npy", np.concatenate([x_model[:2], images(2, 0.0)]))
+    report = tmp_path / "report"
+    assert main(["explain", str(tmp_path / "det"), str(tmp_path / "x.npy"), "--report",
+                 str(report), "--quiet"]) == 0
+    records = _records(report)
+    for rec in records:
+        jsonschema.validate(rec, SCHEMA)
+        assert rec["detector"]["kind"] == "sm_f" and rec["certificate"] is None
+    assert min(r["score"] for r in records) < 0  # −⟨f_G, r̂(x)⟩: drawn on a linear axis
+    assert _verify(report, capsys)[0] == 0
