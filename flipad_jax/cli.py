@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flipad_jax import sminv as sminv_defaults
 from flipad_jax._argparse import add_output_flags, key_value, optional_int, subparser
 from flipad_jax.deepsad import DeepSADConfig
 from flipad_jax.features import FeatureConfig
@@ -103,7 +104,8 @@ def _run_invert(args) -> int:
 
 # -- shared helpers of fit / score / evaluate ----------------------------------------------------
 
-METHOD_NAMES = {"flipad": "FLIPAD", "raw": "RawPAD", "dct": "DCTPAD", "sm_f": "SM-F"}
+METHOD_NAMES = {"flipad": "FLIPAD", "raw": "RawPAD", "dct": "DCTPAD", "sm_f": "SM-F",
+                "sm_inv2": "SM-Inv₂"}
 
 
 def _perturbation(text: str):
@@ -136,12 +138,20 @@ def _pixel_range(head):
     return (-1.0, 1.0) if head is None else head.output_range
 
 
-def _load_detector(path, bundle):
-    """(detector, pixel range) from a saved detector and, for FLIPAD, its head bundle."""
+def _load_detector(path, bundle, generator=None):
+    """(detector, pixel range) from a saved detector and, for FLIPAD, its head bundle (for
+    SM-Inv₂, its generator bundle)."""
     from flipad_jax.detector import Detector
     from flipad_jax.detector_io import HeadMismatchError, read_meta
     from flipad_jax.head import Head
+    from flipad_jax.sminv import SMInv2
 
+    if SMInv2.is_saved(path):
+        if generator is None:
+            raise ValueError(f"{path}: an SM-Inv₂ detector: expected --generator DIR, the "
+                             "generator bundle it was fitted with (flipad convert-generator)")
+        gen = _load_generator(generator)
+        return SMInv2.load(path, gen, progress=False), gen.output_range
     saved_head = read_meta(path)["head"]
     if saved_head is not None and bundle is None:
         raise ValueError(f"{path}: a FLIPAD detector, fitted with the head of "
@@ -154,6 +164,16 @@ def _load_detector(path, bundle):
         raise ValueError(f"--bundle {bundle} does not belong to the detector {path}: "
                          f"{error}") from None
     return detector, _pixel_range(head)
+
+
+def _load_generator(path):
+    from flipad_jax.generators import Generator
+
+    gen = Generator.load(path)
+    if gen.output_range is None:
+        raise ValueError(f"--generator {path}: its images have no bounded range, so 8-bit "
+                         "inputs cannot be mapped onto it")
+    return gen
 
 
 # -- fit -----------------------------------------------------------------------------------------
@@ -176,11 +196,18 @@ def _add_fit_parser(subparsers):
         description="Train DeepSAD on features of G's samples (inliers) against other samples, "
                     "set the thresholds on G's validation samples, and save the detector.")
     p.add_argument("--features", choices=list(METHOD_NAMES), required=True,
-                   help="flipad (needs --bundle), raw (RawPAD), dct (DCTPAD) or sm_f (SM-F)")
+                   help="flipad (needs --bundle), raw (RawPAD), dct (DCTPAD), sm_f (SM-F) or "
+                        "sm_inv2 (SM-Inv₂, needs --generator; thresholds on --model itself)")
     p.add_argument("--bundle", help="head bundle of G (required for --features flipad)")
+    p.add_argument("--generator", metavar="DIR",
+                   help="generator bundle of G (flipad convert-generator; --features sm_inv2)")
+    p.add_argument("--restarts", type=int, default=sminv_defaults.RESTARTS,
+                   help=f"SM-Inv₂: Adam restarts per image (default {sminv_defaults.RESTARTS})")
+    p.add_argument("--steps", type=int, default=sminv_defaults.STEPS,
+                   help=f"SM-Inv₂: Adam steps per restart (default {sminv_defaults.STEPS})")
     p.add_argument("--model", action="append", required=True, metavar="SRC",
                    help=f"G's samples (repeatable): {SRC_HELP}")
-    p.add_argument("--other", action="append", required=True, metavar="SRC",
+    p.add_argument("--other", action="append", metavar="SRC",
                    help="samples not made by G: real images or another model's (repeatable)")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val", action="append", metavar="SRC",
@@ -226,6 +253,11 @@ def _run_fit(args) -> int:
 
     if args.features == "flipad" and args.bundle is None:
         raise ValueError("--features flipad: expected --bundle DIR, the head bundle of G")
+    if args.features == "sm_inv2":
+        return _fit_sm_inv2(args)
+    if not args.other:
+        raise ValueError(f"--features {args.features}: expected --other SRC, samples not made "
+                         "by G")
     check_new_path(args.out, overwrite=args.overwrite)
     fnrs = sorted({check_fnr(f) for f in (args.fnr or DEFAULT_FNRS)})
     need = max(min_validation_samples(f) for f in fnrs)
@@ -269,6 +301,30 @@ def _run_fit(args) -> int:
     return 0
 
 
+def _fit_sm_inv2(args) -> int:
+    """SM-Inv₂ fits no model: it inverts G's samples and sets τ on their scores (paper App. G)."""
+    from flipad_jax._files import check_new_path
+    from flipad_jax.detector import DEFAULT_FNRS
+    from flipad_jax.images import list_images, read_images
+    from flipad_jax.sminv import SMInv2
+
+    if args.generator is None:
+        raise ValueError("--features sm_inv2: expected --generator DIR, the generator bundle of "
+                         "G (flipad convert-generator)")
+    check_new_path(args.out, overwrite=args.overwrite)
+    gen = _load_generator(args.generator)
+    x = read_images(list_images(args.model), gen.output_range, shape=gen.out_shape,
+                    shape_from=f"(the output of --generator {args.generator})",
+                    progress=not args.quiet, perturbation=args.perturb, seed=args.perturb_seed)
+    det = SMInv2(gen, restarts=args.restarts, steps=args.steps, fnrs=args.fnr or DEFAULT_FNRS,
+                 seed=args.seed, progress=not args.quiet).fit(x)
+    det.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} (sm_inv2: thresholds on {len(x)} of G's images)")
+    for fnr, tau in sorted(det.thresholds_.items()):
+        print(f"  threshold at fnr={fnr:g}: {tau:.6g}")
+    return 0
+
+
 # -- score ---------------------------------------------------------------------------------------
 
 SCORE_EXAMPLES = """\
@@ -292,6 +348,8 @@ def _add_score_parser(subparsers):
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=SRC_HELP)
     p.add_argument("--out", required=True, help="output FILE.csv or FILE.jsonl")
     p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--generator", metavar="DIR",
+                   help="generator bundle (required for SM-Inv₂ detectors)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="score part K (from 0) of N contiguous parts of the sorted inputs")
@@ -313,11 +371,14 @@ def _run_score(args) -> int:
     from flipad_jax.images import list_images
 
     out = scoring.check_output(args.out, overwrite=args.overwrite)
-    if args.report is not None:
-        check_new_path(args.report, overwrite=args.overwrite)
     k, n = scoring.parse_shard(args.shard)
     refs = scoring.shard(list_images(args.inputs), k, n)
-    detector, pixels = _load_detector(args.detector, args.bundle)
+    detector, pixels = _load_detector(args.detector, args.bundle, args.generator)
+    if args.report is not None:  # refused before scoring, not after
+        from flipad_jax.evidence import check_detector
+
+        check_new_path(args.report, overwrite=args.overwrite)
+        check_detector(detector)
     sidecar = dict(detector=str(Path(args.detector).absolute()),
                    detector_sha256=scoring.detector_digest(args.detector), shard=f"{k}/{n}")
     path, resumed = scoring.write_scores(detector, refs, out, sidecar=sidecar,
@@ -432,6 +493,8 @@ def _add_evaluate_parser(subparsers):
     p.add_argument("--other", action="append", required=True, type=_named_source,
                    metavar="NAME=SRC", help="samples of another source G′ (repeatable)")
     p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--generator", metavar="DIR",
+                   help="generator bundle (required for SM-Inv₂ detectors)")
     p.add_argument("--out", metavar="REPORT_DIR",
                    help="write table.md and records.json to this folder (atomically)")
     p.add_argument("--method-name", help="row label (default: FLIPAD, RawPAD or DCTPAD)")
@@ -458,7 +521,7 @@ def _run_evaluate(args) -> int:
                          "another name")
     if args.out is not None:
         check_new_path(args.out, overwrite=args.overwrite)
-    detector, pixels = _load_detector(args.detector, args.bundle)
+    detector, pixels = _load_detector(args.detector, args.bundle, args.generator)
     sources = {args.model_name: list_images(args.model)}
     sources.update((name, list_images(src)) for name, src in args.other)
     scores = {name: scoring.score_all(detector, refs, output_range=pixels,
@@ -467,7 +530,7 @@ def _run_evaluate(args) -> int:
                                       seed=args.perturb_seed)
               for name, refs in sources.items()}
     s_model = scores.pop(args.model_name)
-    method = args.method_name or METHOD_NAMES[detector.feature_config.kind]
+    method = args.method_name or METHOD_NAMES[detector.kind]
     records = [dict(rec, method=method, model=args.model_name)
                for rec in evaluate(s_model, scores, detector.thresholds_)]
     from flipad_jax.report import evaluation_report

@@ -74,7 +74,8 @@ class DetectorState(NamedTuple):
     losses: np.ndarray
 
 
-def _check_fnrs(fnrs) -> tuple:
+def check_fnrs(fnrs) -> tuple:
+    """The fnrs as a sorted tuple of distinct floats in (0, 1), at least one."""
     fnrs = tuple(sorted({check_fnr(f) for f in fnrs}))
     if not fnrs:
         raise ValueError("fnrs=(): expected at least one false-negative rate")
@@ -107,8 +108,13 @@ class Detector:
             raise ValueError("head=None: features='flipad' needs the generator's Head")
         self.training = training or DeepSADConfig()
         self.head = head
-        self.fnrs = _check_fnrs(fnrs)
+        self.fnrs = check_fnrs(fnrs)
         self.progress = progress
+
+    @property
+    def kind(self) -> str:
+        """The method: the feature kind ("flipad", "raw", "dct", "sm_f")."""
+        return self.feature_config.kind
 
     # -- fitted attributes ---------------------------------------------------------------------
 

@@ -119,6 +119,15 @@ def pixel_range(detector):
     return (-1.0, 1.0) if detector.head is None else detector.head.output_range
 
 
+def check_detector(detector) -> None:
+    """Evidence covers :class:`~flipad_jax.Detector` kinds (FLIPAD, RawPAD, DCTPAD, SM-F)."""
+    from flipad_jax.detector import Detector
+
+    if not isinstance(detector, Detector):
+        raise ValueError(f"--report: a {type(detector).__name__} detector: expected a FLIPAD, "
+                         "RawPAD, DCTPAD or SM-F detector (evidence reports cover those)")
+
+
 def load_detector(path, bundle):
     """A saved detector with its head (FLIPAD) loaded from ``bundle``; ValueError on a head
     that is not the detector's."""
@@ -189,6 +198,7 @@ def write_report(out, detector, refs: Sequence[ImageRef], *, detector_path, bund
     from flipad_jax.evidence_page import render_page
 
     out = check_new_path(out, overwrite=overwrite)
+    check_detector(detector)
     if not refs:
         raise ValueError("inputs: no images, expected at least one to report on")
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
