@@ -46,7 +46,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from flipad_jax._files import atomic_dir, check_new_path
+from flipad_jax._files import atomic_dir, check_new_path, sha256_file
 from flipad_jax.bundle import META_FILE, WEIGHTS_FILE
 from flipad_jax.images import ImageRef, _open_npy, read_images
 from flipad_jax.lasso import Status
@@ -66,14 +66,6 @@ RECORD_KEYS = ("schema", "schema_version", "image", "bundle", "detector", "input
 
 
 # -- identities ---------------------------------------------------------------------------------
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def image_identity(ref: ImageRef) -> dict:
     """Name, absolute path, row index (None for an image file) and SHA-256 of one input."""
