@@ -36,10 +36,10 @@ def batch_normalize(x, eps: float):
 def _normalize(x, eps):
     rows = x.reshape(-1, x.shape[-1])
     mean = jnp.mean(rows, axis=0)
-    centred = rows - mean
-    var = jnp.mean(jnp.square(centred), axis=0)
+    var = jnp.mean(jnp.square(rows - mean), axis=0)
     rstd = lax.rsqrt(var + eps)
-    return ((centred * rstd).reshape(x.shape), mean, var), (centred, rstd)
+    # residuals: the input itself, not x − mean, which would be one more array of x's size
+    return (((rows - mean) * rstd).reshape(x.shape), mean, var), (rows, mean, rstd)
 
 
 def _normalize_fwd(x, eps):
@@ -47,10 +47,11 @@ def _normalize_fwd(x, eps):
 
 
 def _normalize_bwd(eps, residuals, cotangents):
-    centred, rstd = residuals
+    rows, mean, rstd = residuals
     gy, gmean, gvar = cotangents
-    n = centred.shape[0]
-    g = gy.reshape(centred.shape)
+    n = rows.shape[0]
+    g = gy.reshape(rows.shape)
+    centred = rows - mean
     y = centred * rstd
     # d/dx of y: rstd · (g − mean(g) − y · mean(g·y)); of mean: 1/N; of var: 2 (x − mean) / N.
     gx = (rstd * (g - jnp.mean(g, axis=0) - y * jnp.mean(g * y, axis=0))
