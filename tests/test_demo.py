@@ -90,6 +90,7 @@ def test_generators_of_one_architecture_never_share_initial_weights():
         assert len(seeds) == len(set(seeds)), seeds
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_DATA, reason="Debian's dataset-fashion-mnist is not installed "
                                           "(CI installs it)")
 def test_demo_end_to_end_and_resume(tmp_path):

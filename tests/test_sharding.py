@@ -116,6 +116,7 @@ def test_invert_in_batches_cuts_padding_from_every_output():
     np.testing.assert_array_equal(res["iterations"], np.asarray(whole.iterations))
 
 
+@pytest.mark.slow
 def test_inversion_on_eight_devices_equals_one_device(tmp_path):
     w = _tiny_head_weight()
     np.save(tmp_path / "w.npy", w)
@@ -152,6 +153,7 @@ def test_inversion_on_eight_devices_equals_one_device(tmp_path):
     """)
 
 
+@pytest.mark.slow
 def test_flipad_detector_scores_on_eight_devices_equal_one_device(tmp_path):
     w = _tiny_head_weight()
     head = tiny_head(w)
