@@ -14,6 +14,7 @@ from converters.demo_gans import (DEMO_MODELS, GEN_OPTIONS, RECORD_FILE, WEIGHTS
 from converters.generators import build_generator  # noqa: E402
 from converters.loading import load_generator  # noqa: E402
 from flipad_jax.datasets import DEFAULT_FASHION_MNIST  # noqa: E402
+from flipad_jax.detector import Detector  # noqa: E402
 from tests.test_datasets import _fake_fashion  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -93,7 +94,7 @@ def test_generators_of_one_architecture_never_share_initial_weights():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_DATA, reason="Debian's dataset-fashion-mnist is not installed "
                                           "(CI installs it)")
-def test_demo_end_to_end_and_resume(tmp_path):
+def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     tiny = DemoSettings(n_train=64, n_val=200, n_test=32, zbar_samples=256, epochs=1,
                         max_iter=5)
     out = tmp_path / "demo"
@@ -114,8 +115,19 @@ def test_demo_end_to_end_and_resume(tmp_path):
     # PNG round trip: every generated set went through 8-bit files
     assert len(list((out / "work" / "samples" / "dcgan" / "val").glob("*.png"))) == 200
 
-    again = run_demo(out, settings=tiny, progress=False)  # everything reused, nothing refitted
+    # A rerun reuses every detector: none is fitted, none rewritten.
+    detectors = sorted((out / "work" / "detectors").rglob("*"))
+    stamps = [p.stat().st_mtime_ns for p in detectors]
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a detector was refitted on rerun")
+
+    monkeypatch.setattr(Detector, "fit", no_fit)
+    again = run_demo(out, settings=tiny, progress=False)
+    assert sorted((out / "work" / "detectors").rglob("*")) == detectors
+    assert [p.stat().st_mtime_ns for p in detectors] == stamps
     assert again["pairs"] == results["pairs"]
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="other settings"):
         run_demo(out, settings=tiny._replace(epochs=2), progress=False)
     (tmp_path / "other").mkdir()
