@@ -377,7 +377,7 @@ class PartialOutput:
 
 def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
                  output_range=(-1.0, 1.0), batch_size: int = 256, overwrite: bool = False,
-                 progress: bool = False) -> Path:
+                 progress: bool = False) -> tuple[Path, int]:
     """Score ``refs`` with ``detector`` into ``out`` (.csv or .jsonl), resumably (module doc).
 
     Args:
