@@ -213,8 +213,8 @@ def test_change_rule_stops_and_freezes_each_sample_on_its_own(x64):
     rng = np.random.default_rng(12)
     op = _small_dcgan_layer(rng)
     o = rng.normal(size=(3,) + op.out_shape) * np.array([0.1, 1.0, 3.0])[:, None, None, None]
-    kwargs = dict(lam=0.02, stop="change", tol=1e-6, lipschitz=op.lipschitz())
-    joint = fj.solve_lasso(op, o, kwargs.pop("lam"), **kwargs)
+    kwargs = dict(stop="change", tol=1e-6, lipschitz=op.lipschitz())
+    joint = fj.solve_lasso(op, o, 0.02, **kwargs)
     iterations = np.asarray(joint.iterations)
     assert bool(jnp.all(joint.converged)) and len(set(iterations.tolist())) == 3
     for i, k in enumerate(iterations):
@@ -370,8 +370,7 @@ def _lasso_problem(draw):
     transposed = kind == "conv_transpose2d"
     g = dict(draw(conv_geometry(transposed)), layout=draw(st.sampled_from(["NCHW", "NHWC"])))
     weight = (rng.normal(size=weight_shape(g, transposed)) * 0.5).astype(dtype)
-    channels = g["cout"]
-    return build(fj, g, weight, transposed, bias=rng.normal(size=channels).astype(dtype))
+    return build(fj, g, weight, transposed, bias=rng.normal(size=g["cout"]).astype(dtype))
 
 
 @pytest.mark.slow
