@@ -8,12 +8,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from converters.demo import FAMILIES, METHODS, DemoSettings, run_demo  # noqa: E402
+from converters.demo import FAMILIES, METHODS, QUICK, run_demo  # noqa: E402
 from converters.demo_gans import (DEMO_MODELS, GEN_OPTIONS, RECORD_FILE, WEIGHTS_DIR,  # noqa: E402
                                   DemoModel, _pull_away, _Trainer, train_demo_generators)
 from converters.generators import build_generator  # noqa: E402
 from converters.loading import load_generator  # noqa: E402
 from flipad_jax.datasets import DEFAULT_FASHION_MNIST  # noqa: E402
+from flipad_jax.detector import Detector  # noqa: E402
 from tests.test_datasets import _fake_fashion  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -90,17 +91,23 @@ def test_generators_of_one_architecture_never_share_initial_weights():
         assert len(seeds) == len(set(seeds)), seeds
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_DATA, reason="Debian's dataset-fashion-mnist is not installed "
                                           "(CI installs it)")
-def test_demo_end_to_end_and_resume(tmp_path):
-    tiny = DemoSettings(n_train=64, n_val=200, n_test=32, zbar_samples=256, epochs=1,
-                        max_iter=5)
+def test_quick_demo_end_to_end_quality_and_resume(tmp_path, monkeypatch):
+    """`flipad demo --quick`, end to end: the README's claims on its tables, then a rerun."""
     out = tmp_path / "demo"
-    results = run_demo(out, settings=tiny, progress=False)
+    results = run_demo(out, quick=True, progress=False)
     assert set(results["methods"]) == set(METHODS)
     for m in results["methods"].values():
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["auc"] <= 1.0
         assert m["pairs"] == len(FAMILIES) * len(FAMILIES)  # each G vs real and 3 other Gs
+    # FLIPAD tells every G from real images (mean AUC ≥ 0.99) and is the best method on average.
+    vs_real = [p["auc"] for p in results["pairs"] if p["method"] == "flipad"
+               and p["other"] == "real"]
+    assert len(vs_real) == len(FAMILIES) and np.mean(vs_real) >= 0.99, vs_real
+    mean_auc = {method: m["auc"] for method, m in results["methods"].items()}
+    assert max(mean_auc, key=mean_auc.get) == "flipad", mean_auc
     assert {(p["model"], p["other"]) for p in results["table2"]["pairs"]} == {
         ("dcgan", "dcgan_seed1")}
     on_disk = json.loads((out / "results.json").read_text())
@@ -111,13 +118,24 @@ def test_demo_end_to_end_and_resume(tmp_path):
             assert (out / f"hist_{method}_{g}.png").is_file()
     assert "Table 2" in (out / "tables.md").read_text()
     # PNG round trip: every generated set went through 8-bit files
-    assert len(list((out / "work" / "samples" / "dcgan" / "val").glob("*.png"))) == 200
+    assert len(list((out / "work" / "samples" / "dcgan" / "val").glob("*.png"))) == QUICK.n_val
 
-    again = run_demo(out, settings=tiny, progress=False)  # everything reused, nothing refitted
+    # A rerun reuses every detector: none is fitted, none rewritten.
+    detectors = sorted((out / "work" / "detectors").rglob("*"))
+    stamps = [p.stat().st_mtime_ns for p in detectors]
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a detector was refitted on rerun")
+
+    monkeypatch.setattr(Detector, "fit", no_fit)
+    again = run_demo(out, quick=True, progress=False)
+    assert sorted((out / "work" / "detectors").rglob("*")) == detectors
+    assert [p.stat().st_mtime_ns for p in detectors] == stamps
     assert again["pairs"] == results["pairs"]
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="other settings"):
-        run_demo(out, settings=tiny._replace(epochs=2), progress=False)
+        run_demo(out, settings=QUICK._replace(epochs=2), progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file").write_text("x")
     with pytest.raises(ValueError, match="not a demo folder"):
-        run_demo(tmp_path / "other", settings=tiny, progress=False)
+        run_demo(tmp_path / "other", quick=True, progress=False)
