@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from converters.demo import (FAMILIES, METHODS, PAPER, PAPER_WIDTHS, QUICK, DemoSettings,  # noqa: E402,E501
-                             _real, add_demo_parser, run_demo, settings_from_args)
+from converters.demo import (FAMILIES, METHODS, PAPER, PAPER_WIDTHS, QUICK,  # noqa: E402
+                             DemoSettings, _real, add_demo_parser, run_demo, settings_from_args)
 from converters.demo_gans import (DEMO_MODELS, GEN_OPTIONS, RECORD_FILE, WEIGHTS_DIR,  # noqa: E402
                                   DemoModel, _pull_away, _Trainer, train_demo_generators)
 from converters.generators import build_generator  # noqa: E402
