@@ -1,26 +1,31 @@
 """``flipad demo``: the whole method on the embedded default, from generators to the paper's tables.
 
 Generators: the five Fashion-MNIST GANs that ship with the package (:mod:`converters.demo_gans`;
-``--retrain`` trains them anew). Real images: Fashion-MNIST's test split, which no generator saw.
+``--retrain`` trains them anew). Real images: Fashion-MNIST's test split, which no generator saw
+(with ``--real-train train``, as ``--paper-scale`` sets, the real training images come from the
+train split the GANs were trained on: the test split's 10 000 cannot hold 10 000 + 1000).
 
 Stages (each result is written atomically under ``OUT/work`` and reused when the demo is rerun
 with the same settings, so an interrupted run resumes where it stopped):
 
 1. convert each generator to a head bundle (z̄ over ``zbar_samples`` latents);
 2. sample train / val / test sets as 8-bit PNGs and read them back (the paper's pipeline);
-3. per G of the four families and per method (FLIPAD, RawPAD, DCTPAD): fit a detector on G's
-   samples against real ones, thresholds on G's validation samples;
+3. per G of the four families and per method (FLIPAD, RawPAD, DCTPAD, SM-F): fit a detector on
+   G's samples against real ones, thresholds on G's validation samples; its features and its fit
+   are timed apart (``OUT/work/costs``) for the Table-6 analog;
 4. score the test sets of G, real and every other G′ (Table 1) and of G's other-seed twin for
    DCGAN (Table 2); accuracy at each fnr and AUC (:mod:`flipad_jax.metrics`);
-5. report: ``tables.md``, ``tables.json``, ``results.json``, ``fig4_<G>.png`` and
-   ``hist_<method>_<G>.png`` (:mod:`flipad_jax.report`).
+5. report: ``tables.md`` (with the Table-6 analog), ``tables.json``, ``results.json``,
+   ``fig4_<G>.png`` and ``hist_<method>_<G>.png`` (:mod:`flipad_jax.report`).
 
-Sizes (``--quick`` / default, :data:`QUICK` / :data:`FULL`): 500 / 1000 training samples per
-class, 200 / 1000 validation and test samples per source, DeepSAD for 10 / 50 epochs, at most
-50 FISTA iterations per image (λ = 5e-4, pool to 16×16: LSGAN's 32×32 activations are
-max-pooled 2×2 as the paper pools its 64×64 ones). The detector networks are the reference's
-LeNets with narrower layers for the 32×32 grey data (:data:`NETWORK_WIDTHS`), as the generators
-are narrower than the paper's.
+Sizes (``--quick`` / default / ``--paper-scale``, :data:`QUICK` / :data:`FULL` / :data:`PAPER`;
+``--n-train/--n-val/--n-test`` override them): 500 / 1000 / 10 000 training samples per class,
+200 / 1000 / 1000 validation and test samples per source, DeepSAD for 10 / 50 / 50 epochs, at
+most 50 FISTA iterations per image at tol 1e-2 (``--converged``: a certified gap of 1e-3), λ =
+5e-4, pool to 16×16 (LSGAN's 32×32 activations are max-pooled 2×2 as the paper pools its 64×64
+ones). The detector networks are the reference's LeNets with narrower layers for the 32×32 grey
+data (:data:`NETWORK_WIDTHS`), as the generators are narrower than the paper's; at paper scale
+the authors' widths (:data:`PAPER_WIDTHS`).
 """
 
 from __future__ import annotations
