@@ -49,9 +49,11 @@ METHODS = {**DEMO_METHODS, "sm_f": "sm_f"}
 FNR, LIBERAL_FNR = DEFAULT_FNRS  # Table 3's fnr and Table 13's
 # The demo generators' tanh range, which the demo decodes real images to as well.
 PIXEL_RANGE = (-1.0, 1.0)
-# Quick: 8 × 4 × 4 = 128 detectors in about 5 minutes on 2 CPU cores (README). 128 samples a
-# class make two full DeepSAD batches; 200 validation samples are the fewest fnr 0.005 allows;
-# 20 FISTA iterations (the demo's 50 on LSGAN's 32×32 activations would be half the budget).
+# Quick: 8 × 4 × 4 = 128 detectors in at most about 6 minutes on 2 idle CPU cores (estimated
+# from the CPU time of a run on a loaded machine; README). 128 samples a class make two full
+# DeepSAD batches; 200 validation samples are the fewest fnr 0.005 allows; 20 FISTA iterations
+# because at the demo's 50, LSGAN's 7 600 inversions alone would take about 150 s (at the quick
+# demo's idle rate).
 QUICK = DemoSettings(n_train=128, n_val=200, n_test=100, zbar_samples=2000, epochs=15,
                      max_iter=20)
 FULL = DEMO_FULL
@@ -220,13 +222,13 @@ def run_robustness(out, *, quick: bool = False, perturbations: Optional[Sequence
     bar = tqdm(total=len(ps) * len(FAMILIES) * len(METHODS), desc="robustness",
                disable=not progress)
     for p in ps:
-        cache: dict = {}
+        perturbed: dict = {}
 
-        def sets(p=p, cache=cache):
-            if not cache:
+        def sets():  # p's sets, perturbed once and only if some cell of p is not done yet
+            if not perturbed:
                 with clock("perturb"):
-                    cache.update(perturbed_sets(clean, p, settings.seed))
-            return cache
+                    perturbed.update(perturbed_sets(clean, p, settings.seed))
+            return perturbed
 
         for g in FAMILIES:
             for method in METHODS:
