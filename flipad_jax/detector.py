@@ -32,8 +32,9 @@ import numpy as np
 
 from flipad_jax._checks import check_floating
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel, fit_deepsad, score as deepsad_score
-from flipad_jax.features import FeatureConfig, Standardizer, top_channels
-from flipad_jax.metrics import check_fnr, made_by_g, min_validation_samples, threshold
+from flipad_jax.features import FeatureConfig, Standardizer, max_pool_to, top_channels
+from flipad_jax.metrics import (check_fnr, made_by_g, min_validation_samples, p_values,
+                                threshold)
 from flipad_jax.prnu import fingerprint as prnu_fingerprint, sm_f_scores
 
 DEFAULT_FNRS = (0.005, 0.05)  # the paper's fnr (App. G.1) and its Table 13's looser one
@@ -73,7 +74,8 @@ class DetectorState(NamedTuple):
     losses: np.ndarray
 
 
-def _check_fnrs(fnrs) -> tuple:
+def check_fnrs(fnrs) -> tuple:
+    """The fnrs as a sorted tuple of distinct floats in (0, 1), at least one."""
     fnrs = tuple(sorted({check_fnr(f) for f in fnrs}))
     if not fnrs:
         raise ValueError("fnrs=(): expected at least one false-negative rate")
@@ -106,8 +108,13 @@ class Detector:
             raise ValueError("head=None: features='flipad' needs the generator's Head")
         self.training = training or DeepSADConfig()
         self.head = head
-        self.fnrs = _check_fnrs(fnrs)
+        self.fnrs = check_fnrs(fnrs)
         self.progress = progress
+
+    @property
+    def kind(self) -> str:
+        """The method: the feature kind ("flipad", "raw", "dct", "sm_f")."""
+        return self.feature_config.kind
 
     # -- fitted attributes ---------------------------------------------------------------------
 
@@ -135,6 +142,17 @@ class Detector:
         expects (FLIPAD: the pooled inverted activations)."""
         return np.array(self.feature_config.extract(x, self.head, progress=self.progress),
                         np.float32)
+
+    def features_and_inversion(self, x):
+        """``(features(x), inversion)``: for FLIPAD also the
+        :class:`~flipad_jax.head.InversionResult` of the same solve (unpooled z, the lasso's
+        certificate, clipped pixels), so evidence needs no second solve; None for other kinds."""
+        fc = self.feature_config
+        if fc.kind != "flipad":
+            return self.features(x), None
+        res = self.head.invert_batches(x, fc.lam, batch_size=fc.invert_batch_size,
+                                       progress=self.progress, options=fc.lasso)
+        return np.array(max_pool_to(res.z, fc.pool_to), np.float32), res
 
     def _inputs(self, name: str, x, precomputed: bool, *, fitting: bool = False):
         """Features of ``x`` checked for dtype, finiteness and shape; numpy float32."""
@@ -222,6 +240,12 @@ class Detector:
         return self._scores(state.model, f)
 
     decision_function = score  # PyOD's name
+
+    def p_value(self, x, *, precomputed: bool = False) -> np.ndarray:
+        """Split-conformal p-values of "made by G" from the validation scores, ``(n,)``
+        (:func:`flipad_jax.metrics.p_values`): rejecting where p ≤ α has false-negative rate
+        ≤ α for samples of G exchangeable with the validation set."""
+        return p_values(self.val_scores_, self.score(x, precomputed=precomputed))
 
     def threshold(self, fnr: float) -> float:
         """τ(fnr): fitted value, or the (1 − fnr) quantile of ``val_scores_`` for another fnr."""

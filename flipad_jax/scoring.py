@@ -12,9 +12,10 @@ digest, a hash of the input list, the format and the columns. A run that finds `
 line, skips the inputs already scored and appends the rest, so a rerun after a kill yields every
 input exactly once. A lock (``flock``) on the partial file keeps two runs from writing it at once.
 
-Rows: CSV ``path,score,g_at_fnr_0.005,...`` (verdicts ``true``/``false``); JSONL
-``{"path": ..., "score": ..., "verdict": {"0.005": true, ...}}``. A verdict is True where the
-image is attributed to G (score ≤ τ(fnr)). Scores are written with ``repr`` of the float32 value,
+Rows: CSV ``path,score,p_value,g_at_fnr_0.005,...`` (verdicts ``true``/``false``); JSONL
+``{"path": ..., "score": ..., "p_value": ..., "verdict": {"0.005": true, ...}}``. A verdict is
+True where the image is attributed to G (score ≤ τ(fnr)); the p-value is the split-conformal one
+of :func:`flipad_jax.metrics.p_values`. Scores are written with ``repr`` of the float32 value,
 so they read back exactly.
 """
 
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from flipad_jax._files import check_new_path
 from flipad_jax._partial import PartialOutput, row_format
 from flipad_jax.images import ImageRef, read_images
+from flipad_jax.metrics import p_values
 
 # -- inputs -----------------------------------------------------------------------------------
 
@@ -148,7 +150,8 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
             for batch, scores in score_batches(detector, todo, output_range=output_range,
                                                batch_size=batch_size, perturbation=perturbation,
                                                seed=seed):
-                sink.append(fmt.lines([r.name for r in batch], scores, detector.thresholds_),
-                            len(batch))
+                sink.append(fmt.lines([r.name for r in batch], scores,
+                                      p_values(detector.val_scores_, scores),
+                                      detector.thresholds_), len(batch))
                 bar.update(len(batch))
         return sink.finish(len(refs)), len(done)

@@ -103,4 +103,4 @@ def test_cli_fits_and_scores_sm_f_under_a_perturbation(data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--features", "sm_f", "--model", str(tmp_path / "model.npy"), "--other",
               str(tmp_path / "other.npy"), "--perturb", "crop=70", "--out", str(tmp_path / "d")])
-    assert exit_.value.code == 1 and "crop=70" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "crop=70" in capsys.readouterr().err
