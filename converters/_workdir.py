@@ -1,4 +1,4 @@
-"""The report folder of a resumable run (``flipad robustness``): ``OUT/work`` holds each stage's
+"""The report folder of a resumable run (``flipad demo``, ``flipad robustness``): ``OUT/work`` holds each stage's
 result and the settings that made them, so a rerun with the same settings reuses the stages."""
 
 from __future__ import annotations

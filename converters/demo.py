@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from converters._workdir import prepare_work
 from flipad_jax.features import FeatureConfig
 
 # method → feature kind; SM-Inv₂ rows join here when the full-generator inversion lands
@@ -279,22 +280,9 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
     settings = check_settings(settings or (QUICK if quick else FULL))
     real = _real(settings, data)  # refuses sizes the data cannot serve before anything is written
     out = Path(out)
-    work = out / "work"
-    settings_file = work / "settings.json"
     wanted = {"settings": settings._asdict(), "retrain": retrain,
               "weights": str(weights) if weights else None}
-    if settings_file.exists():
-        if json.loads(settings_file.read_text()) != wanted and not overwrite:
-            raise ValueError(f"{out}: holds a demo run with other settings "
-                             f"({settings_file}); expected a new folder, or pass --overwrite")
-        if overwrite:
-            import shutil
-            shutil.rmtree(work)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"out={str(out)!r} exists and is not a demo folder: expected a new or "
-                         "empty folder (or pass --overwrite)")
-    work.mkdir(parents=True, exist_ok=True)
-    report.write_json(settings_file, wanted)
+    work = prepare_work(out, wanted, what="demo", overwrite=overwrite)
 
     timings: dict = {}
     t = time.perf_counter()
