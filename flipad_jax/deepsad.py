@@ -103,9 +103,18 @@ def lr_schedule(lr: float, steps_per_epoch: int, milestones: Sequence[int] = (25
 def adam_l2(schedule, weight_decay: float = 5e-7, b1: float = 0.9, b2: float = 0.999,
             eps: float = 1e-8) -> optax.GradientTransformation:
     """``torch.optim.Adam(weight_decay=wd)``: the decay wd·θ joins the gradient before Adam."""
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                       optax.scale_by_schedule(lambda count: -schedule(count)))
+    tx = optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                     optax.scale_by_schedule(lambda count: -schedule(count)))
+
+    # optax's bias correction raises a Python float to the int32 step count (b1 ** count), an
+    # implicit promotion that jax_numpy_dtype_promotion="strict" rejects; it is optax's, so
+    # optax's update runs under standard promotion whatever the caller's setting.
+    def update(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(tx.init, update)
 
 
 @functools.partial(jax.jit, static_argnames=("net",))
@@ -116,7 +125,7 @@ def _embed(net, variables, x):
 @functools.partial(jax.jit, static_argnames=("net",))
 def _score(net, model, x):
     z = net.apply(model.variables, x, train=False)
-    return jnp.sum(jnp.square(z - model.center), axis=-1)
+    return jnp.sum(jnp.square(z - model.center[None]), axis=-1)
 
 
 def embed(net: nn.Module, variables, x, *, batch_size: int = 1024, progress: bool = False):
@@ -234,7 +243,7 @@ def _trainer(net, eta, n_batches, lr, milestones, gamma, weight_decay):
         def loss_fn(p):
             z, updates = net.apply({"params": p, "batch_stats": batch_stats}, xb, train=True,
                                    mutable=["batch_stats"])
-            dist = jnp.sum(jnp.square(z - center), axis=-1)
+            dist = jnp.sum(jnp.square(z - center[None]), axis=-1)
             return deepsad_loss(dist, yb, eta), updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -266,7 +267,7 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
             nonfinite = ~jnp.isfinite(objective)
             step_taken = s.active & ~done & ~nonfinite
         else:
-            change = _per_sample_sum(jnp.abs(delta - s.delta)) / np.prod(op.in_shape)
+            change = _per_sample_sum(jnp.abs(delta - s.delta)) / math.prod(op.in_shape)
             done = change <= tol
             if stop == "reference":
                 done = jnp.broadcast_to(jnp.max(change) <= tol, done.shape)

@@ -67,12 +67,13 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         features = x.shape[-1]
+        per_channel = (1,) * (x.ndim - 1) + (features,)  # (C,) statistics against NHWC x
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axes)
-            var = jnp.mean(jnp.square(x - mean), axes)
+            var = jnp.mean(jnp.square(x - mean.reshape(per_channel)), axes)
             if not self.is_initializing():
                 n = x.size // features
                 m = self.momentum
@@ -80,7 +81,7 @@ class BatchNorm(nn.Module):
                 ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(var) * (n / (n - 1))
         else:
             mean, var = ra_mean.value, ra_var.value
-        return (x - mean) * lax.rsqrt(var + self.epsilon)
+        return (x - mean.reshape(per_channel)) * lax.rsqrt(var + self.epsilon).reshape(per_channel)
 
 
 def _leaky_relu(x):

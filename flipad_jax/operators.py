@@ -163,7 +163,7 @@ class _LinearOperator:
     def affine(self, z):
         """A z + b, the layer's full output before its activation."""
         y = self(z)
-        return y if self.bias is None else y + self.bias.reshape((-1,) + (1,) * (y.ndim - 2))
+        return y if self.bias is None else y + self.bias.reshape((1, -1) + (1,) * (y.ndim - 2))
 
     def T(self, y):
         """Aᵀ y: (B, *out_shape) → (B, *in_shape), the exact adjoint of ``op(z)``."""
