@@ -272,7 +272,7 @@ class _Conv(_LinearOperator):
         if weight.shape[0] % self.groups:
             raise ValueError(f"groups={groups}: expected it to divide the weight's first dimension "
                              f"{weight.shape[0]} (weight shape {weight.shape})")
-        _set(self, weight=weight)
+        _set(self, weight=weight)  # before the bias: out_channels reads the stored weight
         _set(self, bias=_check_bias(self.bias, self.out_channels, weight.dtype))
         size = self.out_shape[1:]
         if min(size) < 1:
