@@ -154,3 +154,50 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                    help="png (8-bit, as in the paper) or npy (float32)")
     p.set_defaults(func=_run_sample)
     return p
+
+
+GENERATOR_EXAMPLES = """\
+examples:
+  # the whole generator for SM-Inv₂ (flipad fit --features sm_inv2 --generator gens/dcgan)
+  flipad convert-generator netG.pth --arch dcgan --out gens/dcgan
+"""
+
+
+def _run_convert_generator(args) -> int:
+    from converters.full_generator import convert_generator
+    try:
+        result = convert_generator(args.model, args.out, arch=args.arch,
+                                   arch_options=dict(args.arch_opt),
+                                   trust_pickle=args.trust_pickle,
+                                   check_dtype=args.check_dtype, overwrite=args.overwrite)
+    except ValueError as e:
+        return _fail("convert-generator", e)
+    check = result.meta["self_check"]
+    print(f"wrote {result.path}: {result.meta['arch']} generator, "
+          f"{result.meta['latent_shape']} -> {result.meta['out_shape']}; self-check max abs "
+          f"error {check['max_abs_error']:.3g} ({check['dtype']}); {result.seconds:.1f} s")
+    return 0
+
+
+def add_convert_generator_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``flipad convert-generator`` on an argparse subparsers object."""
+    p = subparser(
+        subparsers, "convert-generator", GENERATOR_EXAMPLES,
+        help="PyTorch generator -> verified whole-generator bundle (for SM-Inv₂)",
+        description="Port every layer of the generator to JAX (eval-mode BatchNorm), check the "
+        "JAX forward against torch's on seeded latents, and write generator.safetensors + "
+        "generator.json. Needed by the SM-Inv₂ baseline, which inverts all of G.")
+    p.add_argument("model", metavar="MODEL", help="state_dict (.pt/.pth) or .safetensors with "
+                   "--arch, or a pickled module with --trust-pickle")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
+    p.add_argument("--arch", metavar="NAME", help=f"architecture of a weights file: {ARCH_NAMES}")
+    p.add_argument("--arch-opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="architecture option (repeatable), e.g. nc=1, image_size=32, nz=100")
+    p.add_argument("--check-dtype", choices=("float32", "float64"), default="float64",
+                   help="self-check precision (default float64)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a fully pickled module: this EXECUTES code from the file")
+    add_output_flags(p)
+    p.set_defaults(func=_run_convert_generator)
+    return p
+

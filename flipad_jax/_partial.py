@@ -25,7 +25,7 @@ SIDECAR_VERSION = 1
 IDENTITY = {"format": "another program", "version": "another sidecar version",
             "detector_sha256": "another detector", "inputs_sha256": "another input list",
             "shard": "another --shard", "out_format": "another output format",
-            "columns": "other columns (fitted fnrs)"}
+            "columns": "other columns (fitted fnrs)", "perturb": "another --perturb"}
 
 
 
@@ -46,7 +46,7 @@ class RowFormat:
     def header(self) -> Optional[str]:
         return None
 
-    def lines(self, names, scores, thresholds: Mapping[float, float]) -> str:
+    def lines(self, names, scores, p_values, thresholds: Mapping[float, float]) -> str:
         raise NotImplementedError
 
     def path_of(self, line: str) -> str:
@@ -54,14 +54,15 @@ class RowFormat:
         raise NotImplementedError
 
     def columns(self) -> list:
-        return ["path", "score"] + [fnr_key(f) for f in self.fnrs]
+        return ["path", "score", "p_value"] + [fnr_key(f) for f in self.fnrs]
 
 
 class CsvRows(RowFormat):
     suffix = ".csv"
 
     def header(self) -> str:
-        return self._line(["path", "score"] + [f"g_at_fnr_{fnr_key(f)}" for f in self.fnrs])
+        return self._line(["path", "score", "p_value"] +
+                          [f"g_at_fnr_{fnr_key(f)}" for f in self.fnrs])
 
     @staticmethod
     def _line(fields) -> str:
@@ -69,32 +70,33 @@ class CsvRows(RowFormat):
         csv.writer(buf, lineterminator="\n").writerow(fields)
         return buf.getvalue()
 
-    def lines(self, names, scores, thresholds) -> str:
+    def lines(self, names, scores, p_values, thresholds) -> str:
         rows = []
-        for name, s in zip(names, scores):
+        for name, s, p in zip(names, scores, p_values):
             if "\n" in name or "\r" in name:
                 raise ValueError(f"{name!r}: a file name with a line break, which CSV rows "
                                  "cannot hold here: expected names without line breaks (or "
                                  "write .jsonl)")
-            rows.append(self._line([name, repr(float(s))] + [
+            rows.append(self._line([name, repr(float(s)), repr(float(p))] + [
                 "true" if made_by_g(s, thresholds[f]) else "false" for f in self.fnrs]))
         return "".join(rows)
 
     def path_of(self, line: str) -> str:
         fields = next(csv.reader([line]))
-        if len(fields) != 2 + len(self.fnrs):
-            raise ValueError(f"{len(fields)} fields, expected {2 + len(self.fnrs)}")
-        float(fields[1])
+        if len(fields) != 3 + len(self.fnrs):
+            raise ValueError(f"{len(fields)} fields, expected {3 + len(self.fnrs)}")
+        float(fields[1]), float(fields[2])
         return fields[0]
 
 
 class JsonlRows(RowFormat):
     suffix = ".jsonl"
 
-    def lines(self, names, scores, thresholds) -> str:
-        return "".join(json.dumps({"path": name, "score": float(s), "verdict": {
-            fnr_key(f): bool(made_by_g(s, thresholds[f])) for f in self.fnrs}}) + "\n"
-            for name, s in zip(names, scores))
+    def lines(self, names, scores, p_values, thresholds) -> str:
+        return "".join(json.dumps({"path": name, "score": float(s), "p_value": float(p),
+                                   "verdict": {fnr_key(f): bool(made_by_g(s, thresholds[f]))
+                                               for f in self.fnrs}}) + "\n"
+                       for name, s, p in zip(names, scores, p_values))
 
     def path_of(self, line: str) -> str:
         row = json.loads(line)

@@ -9,9 +9,13 @@ Subcommands:
 * ``flipad score``: scores and verdicts of any number of images, streamed to CSV or JSONL,
   resumable after a kill (:mod:`flipad_jax.scoring`).
 * ``flipad evaluate``: accuracy at each fitted fnr and AUC against other sources, as a table.
+* ``flipad explain`` (and ``flipad score --report``): a per-image evidence report;
+  ``flipad verify`` recomputes one and says whether each record matches
+  (:mod:`flipad_jax.evidence`).
 
 Every refused input prints ``flipad <command>: error: ...`` naming the file or value and what
-was expected, and exits with status 1.
+was expected, and exits with status 1; a usage error exits with 2 (argparse's convention), an
+unexpected error (a bug) with 3, its traceback shown under ``flipad --verbose``.
 
 ``convert`` and ``sample`` come from ``converters`` through the ``flipad.subcommands`` entry
 points; torch is imported only when one of them runs, so ``flipad --help`` and ``flipad invert``
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flipad_jax import sminv as sminv_defaults
 from flipad_jax._argparse import add_output_flags, key_value, optional_int, subparser
 from flipad_jax.deepsad import DeepSADConfig
 from flipad_jax.features import FeatureConfig
@@ -99,7 +104,25 @@ def _run_invert(args) -> int:
 
 # -- shared helpers of fit / score / evaluate ----------------------------------------------------
 
-METHOD_NAMES = {"flipad": "FLIPAD", "raw": "RawPAD", "dct": "DCTPAD"}
+METHOD_NAMES = {"flipad": "FLIPAD", "raw": "RawPAD", "dct": "DCTPAD", "sm_f": "SM-F",
+                "sm_inv2": "SM-Inv₂"}
+
+
+def _perturbation(text: str):
+    from flipad_jax.perturbations import Perturbation
+
+    try:
+        return Perturbation.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_perturb_flags(p) -> None:
+    p.add_argument("--perturb", type=_perturbation, metavar="NAME=STRENGTH",
+                   help="perturb every 8-bit input first (paper Table 3): blur=1|3, crop=60|55 "
+                        "(of 64, scaled to the image size), noise=0.05|0.1, jpeg=90|80")
+    p.add_argument("--perturb-seed", type=int, default=0, metavar="S",
+                   help="seed of --perturb noise (each image's noise also depends on its name)")
 
 
 def _named_source(text: str) -> tuple:
@@ -115,12 +138,20 @@ def _pixel_range(head):
     return (-1.0, 1.0) if head is None else head.output_range
 
 
-def _load_detector(path, bundle):
-    """(detector, pixel range) from a saved detector and, for FLIPAD, its head bundle."""
+def _load_detector(path, bundle, generator=None):
+    """(detector, pixel range) from a saved detector and, for FLIPAD, its head bundle (for
+    SM-Inv₂, its generator bundle)."""
     from flipad_jax.detector import Detector
     from flipad_jax.detector_io import HeadMismatchError, read_meta
     from flipad_jax.head import Head
+    from flipad_jax.sminv import SMInv2
 
+    if SMInv2.is_saved(path):
+        if generator is None:
+            raise ValueError(f"{path}: an SM-Inv₂ detector: expected --generator DIR, the "
+                             "generator bundle it was fitted with (flipad convert-generator)")
+        gen = _load_generator(generator)
+        return SMInv2.load(path, gen, progress=False), gen.output_range
     saved_head = read_meta(path)["head"]
     if saved_head is not None and bundle is None:
         raise ValueError(f"{path}: a FLIPAD detector, fitted with the head of "
@@ -133,6 +164,16 @@ def _load_detector(path, bundle):
         raise ValueError(f"--bundle {bundle} does not belong to the detector {path}: "
                          f"{error}") from None
     return detector, _pixel_range(head)
+
+
+def _load_generator(path):
+    from flipad_jax.generators import Generator
+
+    gen = Generator.load(path)
+    if gen.output_range is None:
+        raise ValueError(f"--generator {path}: its images have no bounded range, so 8-bit "
+                         "inputs cannot be mapped onto it")
+    return gen
 
 
 # -- fit -----------------------------------------------------------------------------------------
@@ -154,11 +195,19 @@ def _add_fit_parser(subparsers):
         help="fit a FLIPAD / RawPAD / DCTPAD detector on G's and other samples",
         description="Train DeepSAD on features of G's samples (inliers) against other samples, "
                     "set the thresholds on G's validation samples, and save the detector.")
-    p.add_argument("--features", choices=["flipad", "raw", "dct"], required=True)
+    p.add_argument("--features", choices=list(METHOD_NAMES), required=True,
+                   help="flipad (needs --bundle), raw (RawPAD), dct (DCTPAD), sm_f (SM-F) or "
+                        "sm_inv2 (SM-Inv₂, needs --generator; thresholds on --model itself)")
     p.add_argument("--bundle", help="head bundle of G (required for --features flipad)")
+    p.add_argument("--generator", metavar="DIR",
+                   help="generator bundle of G (flipad convert-generator; --features sm_inv2)")
+    p.add_argument("--restarts", type=int, default=sminv_defaults.RESTARTS,
+                   help=f"SM-Inv₂: Adam restarts per image (default {sminv_defaults.RESTARTS})")
+    p.add_argument("--steps", type=int, default=sminv_defaults.STEPS,
+                   help=f"SM-Inv₂: Adam steps per restart (default {sminv_defaults.STEPS})")
     p.add_argument("--model", action="append", required=True, metavar="SRC",
                    help=f"G's samples (repeatable): {SRC_HELP}")
-    p.add_argument("--other", action="append", required=True, metavar="SRC",
+    p.add_argument("--other", action="append", metavar="SRC",
                    help="samples not made by G: real images or another model's (repeatable)")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val", action="append", metavar="SRC",
@@ -189,6 +238,7 @@ def _add_fit_parser(subparsers):
     p.add_argument("--top-k", type=int, help="keep the k most different channels")
     p.add_argument("--seed", type=int, default=_TRAINING.seed,
                    help="seed of the validation split, the network and the shuffling")
+    _add_perturb_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_run_fit)
     return p
@@ -203,6 +253,11 @@ def _run_fit(args) -> int:
 
     if args.features == "flipad" and args.bundle is None:
         raise ValueError("--features flipad: expected --bundle DIR, the head bundle of G")
+    if args.features == "sm_inv2":
+        return _fit_sm_inv2(args)
+    if not args.other:
+        raise ValueError(f"--features {args.features}: expected --other SRC, samples not made "
+                         "by G")
     check_new_path(args.out, overwrite=args.overwrite)
     fnrs = sorted({check_fnr(f) for f in (args.fnr or DEFAULT_FNRS)})
     need = max(min_validation_samples(f) for f in fnrs)
@@ -216,16 +271,16 @@ def _run_fit(args) -> int:
     else:
         fraction = 0.1 if args.val_fraction is None else args.val_fraction
         model_refs, val_refs = split_validation(model_refs, fraction, need=need, seed=args.seed,
-                                                what=f"--model {model_src} (--val-fraction, "
-                                                     f"⌈1/fnr⌉ for --fnr {min(fnrs)})")
+                                                what=f"--model {model_src}")
     head = None if args.bundle is None else Head.load(args.bundle)
     pixels = _pixel_range(head)
     shape, shape_from = (None, "") if head is None else (head.out_shape,
                                                          f"(the output of --bundle {args.bundle})")
+    perturb = dict(perturbation=args.perturb, seed=args.perturb_seed)
     x_model = read_images(model_refs, pixels, shape=shape, shape_from=shape_from,
-                          progress=not args.quiet)
+                          progress=not args.quiet, **perturb)
     like = dict(shape=x_model.shape[1:], shape_from=f"(the images of --model {model_src})",
-                progress=not args.quiet)
+                progress=not args.quiet, **perturb)
     x_val = read_images(val_refs, pixels, **like)
     x_other = read_images(list_images(args.other), pixels, **like)
     features = FeatureConfig(args.features, lam=args.lam, pool_to=args.pool_to, size=args.size,
@@ -242,6 +297,30 @@ def _run_fit(args) -> int:
     print(f"wrote {path} ({args.features}: {len(x_model)} of G's images, {len(x_other)} others, "
           f"{len(x_val)} for validation)")
     for fnr, tau in sorted(detector.thresholds_.items()):
+        print(f"  threshold at fnr={fnr:g}: {tau:.6g}")
+    return 0
+
+
+def _fit_sm_inv2(args) -> int:
+    """SM-Inv₂ fits no model: it inverts G's samples and sets τ on their scores (paper App. G)."""
+    from flipad_jax._files import check_new_path
+    from flipad_jax.detector import DEFAULT_FNRS
+    from flipad_jax.images import list_images, read_images
+    from flipad_jax.sminv import SMInv2
+
+    if args.generator is None:
+        raise ValueError("--features sm_inv2: expected --generator DIR, the generator bundle of "
+                         "G (flipad convert-generator)")
+    check_new_path(args.out, overwrite=args.overwrite)
+    gen = _load_generator(args.generator)
+    x = read_images(list_images(args.model), gen.output_range, shape=gen.out_shape,
+                    shape_from=f"(the output of --generator {args.generator})",
+                    progress=not args.quiet, perturbation=args.perturb, seed=args.perturb_seed)
+    det = SMInv2(gen, restarts=args.restarts, steps=args.steps, fnrs=args.fnr or DEFAULT_FNRS,
+                 seed=args.seed, progress=not args.quiet).fit(x)
+    det.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} (sm_inv2: thresholds on {len(x)} of G's images)")
+    for fnr, tau in sorted(det.thresholds_.items()):
         print(f"  threshold at fnr={fnr:g}: {tau:.6g}")
     return 0
 
@@ -269,10 +348,17 @@ def _add_score_parser(subparsers):
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=SRC_HELP)
     p.add_argument("--out", required=True, help="output FILE.csv or FILE.jsonl")
     p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--generator", metavar="DIR",
+                   help="generator bundle (required for SM-Inv₂ detectors)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="score part K (from 0) of N contiguous parts of the sorted inputs")
-    add_output_flags(p, "replace an existing OUT (and discard another run's OUT.partial)")
+    p.add_argument("--report", metavar="DIR",
+                   help="also write an evidence report of these inputs to the new folder DIR "
+                        "(scores them once more; see `flipad explain`)")
+    _add_perturb_flags(p)
+    add_output_flags(p, "replace an existing OUT and --report DIR (and discard another run's "
+                        "OUT.partial)")
     p.set_defaults(func=_run_score)
     return p
 
@@ -281,20 +367,109 @@ def _run_score(args) -> int:
     from pathlib import Path
 
     from flipad_jax import scoring
+    from flipad_jax._files import check_new_path
     from flipad_jax.images import list_images
 
     out = scoring.check_output(args.out, overwrite=args.overwrite)
     k, n = scoring.parse_shard(args.shard)
     refs = scoring.shard(list_images(args.inputs), k, n)
-    detector, pixels = _load_detector(args.detector, args.bundle)
+    detector, pixels = _load_detector(args.detector, args.bundle, args.generator)
+    if args.report is not None:  # refused before scoring, not after
+        from flipad_jax.evidence import check_detector
+
+        check_new_path(args.report, overwrite=args.overwrite)
+        check_detector(detector)
     sidecar = dict(detector=str(Path(args.detector).absolute()),
                    detector_sha256=scoring.detector_digest(args.detector), shard=f"{k}/{n}")
     path, resumed = scoring.write_scores(detector, refs, out, sidecar=sidecar,
                                          output_range=pixels, batch_size=args.batch_size,
-                                         overwrite=args.overwrite, progress=not args.quiet)
+                                         overwrite=args.overwrite, progress=not args.quiet,
+                                         perturbation=args.perturb, seed=args.perturb_seed)
     print(f"wrote {path} ({len(refs)} rows" + (f", {resumed} of them resumed from an earlier run"
                                                if resumed else "") + ")")
+    if args.report is not None:
+        _write_report(args, detector, refs)
     return 0
+
+
+# -- explain / verify: evidence reports (flipad_jax.evidence) ------------------------------------
+
+EXPLAIN_EXAMPLES = """\
+examples:
+  flipad explain detectors/dcgan-flipad suspect.png --bundle bundles/dcgan --report evidence/
+  flipad verify evidence/
+"""
+
+
+def _add_explain_parser(subparsers):
+    p = subparser(
+        subparsers, "explain", EXPLAIN_EXAMPLES,
+        help="an evidence report: per image a checkable JSON record and one HTML page",
+        description="Score images and write, per image, a JSON record a third party can check "
+                    "with `flipad verify` (hashes of the image, bundle and detector, settings, "
+                    "score, p-value, verdicts, the lasso's certificate, versions, command) and "
+                    "one self-contained HTML page showing why.")
+    p.add_argument("detector", help="detector folder written by `flipad fit`")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help=SRC_HELP)
+    p.add_argument("--report", required=True, metavar="DIR", help="new report folder")
+    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
+    _add_perturb_flags(p)
+    add_output_flags(p, "replace an existing --report DIR")
+    p.set_defaults(func=_run_explain)
+    return p
+
+
+def _write_report(args, detector, refs):
+    from flipad_jax.evidence import write_report
+
+    path, records = write_report(args.report, detector, refs, detector_path=args.detector,
+                                 bundle_path=args.bundle, batch_size=args.batch_size,
+                                 perturbation=args.perturb, seed=args.perturb_seed,
+                                 overwrite=args.overwrite, command=args.argv,
+                                 progress=not args.quiet)
+    print(f"wrote {path} ({len(records)} records and index.html)")
+    return records
+
+
+def _run_explain(args) -> int:
+    from flipad_jax._files import check_new_path
+    from flipad_jax.images import list_images
+
+    check_new_path(args.report, overwrite=args.overwrite)
+    detector, _ = _load_detector(args.detector, args.bundle)
+    for rec in _write_report(args, detector, list_images(args.inputs)):
+        verdicts = ", ".join(f"fnr {d['fnr']:g}: {'G' if d['made_by_g'] else 'not G'}"
+                             for d in rec["decisions"])
+        print(f"  {rec['image']['name']}: score {rec['score']:.6g}, p {rec['p_value']:.4g} "
+              f"({verdicts})")
+    return 0
+
+
+def _add_verify_parser(subparsers):
+    p = subparser(
+        subparsers, "verify", EXPLAIN_EXAMPLES,
+        help="recompute an evidence report from its inputs and say whether each record matches",
+        description="Recompute every record of REPORT_DIR from the image, bundle and detector "
+                    "paths it names and compare. Exit status 0: every record matches; 1: some "
+                    "differ (listed) or cannot be recomputed.")
+    p.add_argument("report", metavar="REPORT_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_verify)
+    return p
+
+
+def _run_verify(args) -> int:
+    from flipad_jax.evidence import verify
+
+    checks = verify(args.report, progress=not args.quiet)
+    for check in checks:
+        print(f"{'match' if check.ok else 'DIFFERS'}  {check.name}")
+        for line in check.differences + [f"note: {n}" for n in check.notes]:
+            print(f"    {line}")
+    bad = sum(not c.ok for c in checks)
+    print(f"{len(checks) - bad} of {len(checks)} records match")
+    return 1 if bad else 0
 
 
 # -- evaluate ------------------------------------------------------------------------------------
@@ -318,11 +493,14 @@ def _add_evaluate_parser(subparsers):
     p.add_argument("--other", action="append", required=True, type=_named_source,
                    metavar="NAME=SRC", help="samples of another source G′ (repeatable)")
     p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--generator", metavar="DIR",
+                   help="generator bundle (required for SM-Inv₂ detectors)")
     p.add_argument("--out", metavar="REPORT_DIR",
                    help="write table.md and records.json to this folder (atomically)")
     p.add_argument("--method-name", help="row label (default: FLIPAD, RawPAD or DCTPAD)")
     p.add_argument("--model-name", default="G", help="name of G in the table (default G)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
+    _add_perturb_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_run_evaluate)
     return p
@@ -343,15 +521,16 @@ def _run_evaluate(args) -> int:
                          "another name")
     if args.out is not None:
         check_new_path(args.out, overwrite=args.overwrite)
-    detector, pixels = _load_detector(args.detector, args.bundle)
+    detector, pixels = _load_detector(args.detector, args.bundle, args.generator)
     sources = {args.model_name: list_images(args.model)}
     sources.update((name, list_images(src)) for name, src in args.other)
     scores = {name: scoring.score_all(detector, refs, output_range=pixels,
                                       batch_size=args.batch_size, progress=not args.quiet,
-                                      desc=f"scoring {name}")
+                                      desc=f"scoring {name}", perturbation=args.perturb,
+                                      seed=args.perturb_seed)
               for name, refs in sources.items()}
     s_model = scores.pop(args.model_name)
-    method = args.method_name or METHOD_NAMES[detector.feature_config.kind]
+    method = args.method_name or METHOD_NAMES[detector.kind]
     records = [dict(rec, method=method, model=args.model_name)
                for rec in evaluate(s_model, scores, detector.thresholds_)]
     from flipad_jax.report import evaluation_report
@@ -360,6 +539,7 @@ def _run_evaluate(args) -> int:
         records, detector.thresholds_, out=args.out, overwrite=args.overwrite,
         title=f"{method} detector of {args.model_name}",
         meta=dict(detector=str(args.detector), method=method, model=args.model_name,
+                  perturb=None if args.perturb is None else str(args.perturb),
                   sources=dict([(args.model_name, args.model)] + list(args.other)),
                   counts={name: len(refs) for name, refs in sources.items()}))
     print(table)
@@ -368,38 +548,47 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with exit status 1 for usage errors, like every other refused input."""
-
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser, with subcommands that other packages register under the entry-point group
     ``flipad.subcommands`` (``converters`` adds convert and sample): flipad_jax never imports
     the torch side by name."""
     from importlib.metadata import entry_points
 
-    parser = _Parser(
+    from flipad_jax import __version__
+
+    parser = argparse.ArgumentParser(
         prog="flipad", description="Single-model attribution of generative models by "
                                    "final-layer inversion (FLIPAD), in JAX.")
+    parser.add_argument("--version", action="version", version=f"flipad-jax {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the traceback of an unexpected error")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for entry in sorted(entry_points(group="flipad.subcommands"), key=lambda e: e.name):
         entry.load()(subparsers)
-    for add in (_add_invert_parser, _add_fit_parser, _add_score_parser, _add_evaluate_parser):
+    for add in (_add_invert_parser, _add_fit_parser, _add_score_parser, _add_evaluate_parser,
+                _add_explain_parser, _add_verify_parser):
         add(subparsers)
     return parser
 
 
 def main(argv=None) -> int:
+    """Run a subcommand. Exit status: 0 done, 1 refused input (ValueError, OSError: the message
+    names the value and what was expected), 2 usage error (argparse's convention), 3 an
+    unexpected error, which is a bug (its traceback with ``--verbose``)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv) if argv is None else ["flipad", *argv]  # recorded in evidence
     try:
         return args.func(args)
     except (ValueError, OSError) as error:
         print(f"flipad {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # noqa: BLE001 - anything else is a bug, reported as one
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"flipad {args.command}: internal error (a bug; please report it with the output "
+              f"of --verbose): {type(error).__name__}: {error}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``fj.Detector``: "made by G?" from FLIPAD, RawPAD or DCTPAD features with DeepSAD.
+"""``fj.Detector``: "made by G?" from FLIPAD, RawPAD or DCTPAD features with DeepSAD, or the
+SM-F fingerprint baseline.
 
 PyOD's vocabulary: ``fit`` learns from G's samples (inliers, +1) and other samples (real data or
 another model's, outliers, −1); ``score(x)`` is higher for samples *less* likely made by G;
@@ -14,7 +15,9 @@ Settings live in two objects with the paper's defaults: :class:`~flipad_jax.feat
 Pipeline (paper §4, METHOD.md §4): features (:mod:`flipad_jax.features`) → standardisation fitted
 on the training data (``FeatureConfig.standardize``; by default FLIPAD: inliers, DCTPAD: all,
 RawPAD: none) → optional top-k channel selection → DeepSAD (:mod:`flipad_jax.deepsad`) →
-thresholds on G's validation scores.
+thresholds on G's validation scores. SM-F (paper App. E, ``features="sm_f"``) replaces the last
+two steps by G's fingerprint, the mean noise residual of G's training images, and scores
+s(x) = −⟨f_G, r̂(x)⟩ (:mod:`flipad_jax.prnu`); it needs no other samples and no training.
 
 Every method takes images ``(B, C, H, W)`` or, with ``precomputed=True``, features already
 extracted (``detector.features(images)``, e.g. pooled ``head.invert(images).z`` computed elsewhere);
@@ -29,29 +32,39 @@ import numpy as np
 
 from flipad_jax._checks import check_floating
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel, fit_deepsad, score as deepsad_score
-from flipad_jax.features import FeatureConfig, Standardizer, top_channels
-from flipad_jax.metrics import check_fnr, made_by_g, min_validation_samples, threshold
+from flipad_jax.features import FeatureConfig, Standardizer, max_pool_to, top_channels
+from flipad_jax.metrics import (check_fnr, made_by_g, min_validation_samples, p_values,
+                                threshold)
+from flipad_jax.prnu import fingerprint as prnu_fingerprint, sm_f_scores
 
 DEFAULT_FNRS = (0.005, 0.05)  # the paper's fnr (App. G.1) and its Table 13's looser one
+
+
+class FingerprintModel(NamedTuple):
+    """SM-F's fitted state: G's fingerprint ``(H, W)`` float32, zero-mean and unit-norm."""
+
+    fingerprint: np.ndarray
 
 
 class DetectorState(NamedTuple):
     """Everything ``Detector.fit`` learns (what a saved detector holds besides its settings).
 
     Attributes:
-      network: ``(name, kwargs)`` of the DeepSAD network (kwargs include selected channels).
-      model: the trained :class:`~flipad_jax.deepsad.DeepSADModel` (variables, centre c).
+      network: ``(name, kwargs)`` of the DeepSAD network (kwargs include selected channels);
+        None for SM-F.
+      model: the trained :class:`~flipad_jax.deepsad.DeepSADModel` (variables, centre c), or
+        SM-F's :class:`FingerprintModel`.
       standardizer: :class:`~flipad_jax.features.Standardizer` or None.
       channels: indices of the top-k channels, or None.
       thresholds: {fnr: τ} for the fitted fnrs.
       val_scores: ``(n_val,)`` float32, G's validation scores.
       feature_shape: per-sample feature shape; input_shape: image shape seen by ``fit`` (None for
         precomputed features).
-      losses: ``(epochs,)`` mean training loss per epoch.
+      losses: ``(epochs,)`` mean training loss per epoch (empty for SM-F).
     """
 
     network: tuple
-    model: DeepSADModel
+    model: Union[DeepSADModel, FingerprintModel]
     standardizer: Optional[Standardizer]
     channels: Optional[list]
     thresholds: dict
@@ -61,7 +74,8 @@ class DetectorState(NamedTuple):
     losses: np.ndarray
 
 
-def _check_fnrs(fnrs) -> tuple:
+def check_fnrs(fnrs) -> tuple:
+    """The fnrs as a sorted tuple of distinct floats in (0, 1), at least one."""
     fnrs = tuple(sorted({check_fnr(f) for f in fnrs}))
     if not fnrs:
         raise ValueError("fnrs=(): expected at least one false-negative rate")
@@ -69,11 +83,11 @@ def _check_fnrs(fnrs) -> tuple:
 
 
 class Detector:
-    """Single-model attribution detector (FLIPAD, RawPAD or DCTPAD + DeepSAD).
+    """Single-model attribution detector (FLIPAD, RawPAD or DCTPAD + DeepSAD; SM-F).
 
     Args:
       features: a :class:`~flipad_jax.features.FeatureConfig`, or its kind ("flipad", "raw",
-        "dct") for the paper's defaults.
+        "dct", "sm_f") for the paper's defaults.
       training: :class:`~flipad_jax.deepsad.DeepSADConfig` (default: the paper's).
       head: the generator's :class:`~flipad_jax.Head` (FLIPAD).
       fnrs: false-negative rates whose thresholds are fitted (any other on request).
@@ -94,8 +108,13 @@ class Detector:
             raise ValueError("head=None: features='flipad' needs the generator's Head")
         self.training = training or DeepSADConfig()
         self.head = head
-        self.fnrs = _check_fnrs(fnrs)
+        self.fnrs = check_fnrs(fnrs)
         self.progress = progress
+
+    @property
+    def kind(self) -> str:
+        """The method: the feature kind ("flipad", "raw", "dct", "sm_f")."""
+        return self.feature_config.kind
 
     # -- fitted attributes ---------------------------------------------------------------------
 
@@ -123,6 +142,17 @@ class Detector:
         expects (FLIPAD: the pooled inverted activations)."""
         return np.array(self.feature_config.extract(x, self.head, progress=self.progress),
                         np.float32)
+
+    def features_and_inversion(self, x):
+        """``(features(x), inversion)``: for FLIPAD also the
+        :class:`~flipad_jax.head.InversionResult` of the same solve (unpooled z, the lasso's
+        certificate, clipped pixels), so evidence needs no second solve; None for other kinds."""
+        fc = self.feature_config
+        if fc.kind != "flipad":
+            return self.features(x), None
+        res = self.head.invert_batches(x, fc.lam, batch_size=fc.invert_batch_size,
+                                       progress=self.progress, options=fc.lasso)
+        return np.array(max_pool_to(res.z, fc.pool_to), np.float32), res
 
     def _inputs(self, name: str, x, precomputed: bool, *, fitting: bool = False):
         """Features of ``x`` checked for dtype, finiteness and shape; numpy float32."""
@@ -177,33 +207,45 @@ class Detector:
                                    for f in (f_model, f_other, f_val))
         channels = (None if fc.top_k is None
                     else top_channels(f_model, f_other, fc.top_k).tolist())
-        x = np.concatenate([f_model, f_other])
-        y = np.r_[np.ones(len(f_model), np.int32), -np.ones(len(f_other), np.int32)]
-        fitted = fit_deepsad(x, y, self.training, progress=self.progress,
-                             extra_network_kwargs=None if channels is None
-                             else {"channels": channels})
-        val_scores = self._deepsad_scores(fitted.net, fitted.model, f_val)
-        self._net = fitted.net
+        if fc.kind == "sm_f":
+            self._net, network, losses = None, None, np.zeros((0,), np.float32)
+            model = FingerprintModel(prnu_fingerprint(f_model))
+        else:
+            x = np.concatenate([f_model, f_other])
+            y = np.r_[np.ones(len(f_model), np.int32), -np.ones(len(f_other), np.int32)]
+            fitted = fit_deepsad(x, y, self.training, progress=self.progress,
+                                 extra_network_kwargs=None if channels is None
+                                 else {"channels": channels})
+            self._net, network, model, losses = (fitted.net, fitted.network, fitted.model,
+                                                 fitted.log.loss)
+        val_scores = self._scores(model, f_val)
         self._state = DetectorState(
-            network=fitted.network, model=fitted.model, standardizer=standardizer,
-            channels=channels,
+            network=network, model=model, standardizer=standardizer, channels=channels,
             thresholds={fnr: threshold(val_scores, fnr) for fnr in self.fnrs},
             val_scores=val_scores, feature_shape=tuple(shape),
-            input_shape=None if precomputed else tuple(np.shape(x_model)[1:]),
-            losses=fitted.log.loss)
+            input_shape=None if precomputed else tuple(np.shape(x_model)[1:]), losses=losses)
         return self
 
-    def _deepsad_scores(self, net, model, f):
-        return deepsad_score(net, model, f, batch_size=self.training.score_batch_size,
+    def _scores(self, model, f):
+        if isinstance(model, FingerprintModel):
+            return sm_f_scores(model.fingerprint, f)
+        return deepsad_score(self._net, model, f, batch_size=self.training.score_batch_size,
                              progress=self.progress)
 
     def score(self, x, *, precomputed: bool = False) -> np.ndarray:
-        """Anomaly scores ‖φ(x) − c‖², ``(n,)`` float32: higher = less likely made by G."""
+        """Anomaly scores ``(n,)`` float32, higher = less likely made by G: ‖φ(x) − c‖²
+        (DeepSAD) or −⟨f_G, r̂(x)⟩ (SM-F)."""
         state = self.state_
         f = self._standardize(state.standardizer, self._inputs("x", x, precomputed))
-        return self._deepsad_scores(self._net, state.model, f)
+        return self._scores(state.model, f)
 
     decision_function = score  # PyOD's name
+
+    def p_value(self, x, *, precomputed: bool = False) -> np.ndarray:
+        """Split-conformal p-values of "made by G" from the validation scores, ``(n,)``
+        (:func:`flipad_jax.metrics.p_values`): rejecting where p ≤ α has false-negative rate
+        ≤ α for samples of G exchangeable with the validation set."""
+        return p_values(self.val_scores_, self.score(x, precomputed=precomputed))
 
     def threshold(self, fnr: float) -> float:
         """τ(fnr): fitted value, or the (1 − fnr) quantile of ``val_scores_`` for another fnr."""
@@ -245,7 +287,8 @@ class Detector:
         det.feature_config, det.training, det.fnrs = saved.features, saved.training, saved.fnrs
         det.progress = saved.progress if progress is None else progress
         det.head = head
-        det._net = build_network(saved.state.network[0], **saved.state.network[1])
+        network = saved.state.network
+        det._net = None if network is None else build_network(network[0], **network[1])
         det._state = saved.state
         return det
 

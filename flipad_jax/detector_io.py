@@ -22,7 +22,7 @@ import numpy as np
 
 from flipad_jax import checkpoint
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel
-from flipad_jax.detector import DetectorState
+from flipad_jax.detector import DetectorState, FingerprintModel
 from flipad_jax.features import FeatureConfig, Standardizer
 
 FORMAT = "flipad-jax detector"
@@ -67,8 +67,7 @@ def versions() -> dict:
 
 
 def _arrays(state: DetectorState) -> dict:
-    arrays = {"variables": state.model.variables, "center": state.model.center,
-              "val_scores": state.val_scores}
+    arrays = dict(state.model._asdict(), val_scores=state.val_scores)
     if state.standardizer is not None:
         arrays["std_mean"], arrays["std_std"] = state.standardizer.mean, state.standardizer.std
     return arrays
@@ -81,12 +80,15 @@ def save(path, detector, *, overwrite: bool = False):
         "format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
         "features": detector.feature_config.to_json(), "training": detector.training.to_json(),
         "fnrs": list(detector.fnrs), "progress": detector.progress,
-        "network": {"name": state.network[0], "kwargs": state.network[1]},
+        "network": None if state.network is None else {"name": state.network[0],
+                                                       "kwargs": state.network[1]},
         "thresholds": [[fnr, tau] for fnr, tau in sorted(state.thresholds.items())],
         "feature_shape": list(state.feature_shape),
         "input_shape": None if state.input_shape is None else list(state.input_shape),
         "channels": state.channels,
-        "rep_dim": int(state.model.center.shape[0]), "n_val": int(len(state.val_scores)),
+        "rep_dim": (int(state.model.center.shape[0]) if isinstance(state.model, DeepSADModel)
+                    else None),
+        "n_val": int(len(state.val_scores)),
         "standardizer": None if state.standardizer is None else {"eps": state.standardizer.eps},
         "losses": [float(v) for v in state.losses],
         "head": None if head is None else {
@@ -133,21 +135,26 @@ def load(path, *, head=None) -> SavedDetector:
 
     meta = read_meta(path)
     check_head(path, meta, head)
-    network = (meta["network"]["name"], meta["network"]["kwargs"])
     feature_shape = tuple(meta["feature_shape"])
-    net = build_network(network[0], **network[1])
     f32 = jnp.float32
-    target = {"variables": jax.eval_shape(net.init, jax.random.key(0),
-                                          jnp.zeros((1,) + feature_shape, f32)),
-              "center": jax.ShapeDtypeStruct((meta["rep_dim"],), f32),
-              "val_scores": jax.ShapeDtypeStruct((meta["n_val"],), f32)}
+    target = {"val_scores": jax.ShapeDtypeStruct((meta["n_val"],), f32)}
+    if meta["network"] is None:  # SM-F
+        network, model_type = None, FingerprintModel
+        target["fingerprint"] = jax.ShapeDtypeStruct(feature_shape, f32)
+    else:
+        network, model_type = (meta["network"]["name"], meta["network"]["kwargs"]), DeepSADModel
+        net = build_network(network[0], **network[1])
+        target["variables"] = jax.eval_shape(net.init, jax.random.key(0),
+                                             jnp.zeros((1,) + feature_shape, f32))
+        target["center"] = jax.ShapeDtypeStruct((meta["rep_dim"],), f32)
     if meta["standardizer"] is not None:
         target["std_mean"] = target["std_std"] = jax.ShapeDtypeStruct(feature_shape, f32)
     arrays = jax.tree_util.tree_map(jnp.asarray, checkpoint.load_arrays(path, target))
     standardizer = None if meta["standardizer"] is None else Standardizer(
         arrays["std_mean"], arrays["std_std"], meta["standardizer"]["eps"])
+    model = model_type(**{k: arrays[k] for k in model_type._fields})
     state = DetectorState(
-        network=network, model=DeepSADModel(arrays["variables"], arrays["center"]),
+        network=network, model=model,
         standardizer=standardizer, channels=meta["channels"],
         thresholds={float(f): float(t) for f, t in meta["thresholds"]},
         val_scores=np.asarray(arrays["val_scores"]), feature_shape=feature_shape,

@@ -11,6 +11,8 @@ tabular FLIPAD features), float32.
 * DCTPAD: per channel log(|DCT-II(x)| + 1e-10) of the ``crop``×``crop`` centre crop, with the
   unnormalised DCT-II (``scipy.fft.dctn(type=2, norm=None)``, the reference's ``torch_dct`` with
   ``norm=None``); standardised with the mean and std of *all* training features (+0.05).
+* SM-F: the grey PRNU noise residual of each image (:mod:`flipad_jax.prnu`), ``(B, H, W)``; the
+  detector scores it against G's fingerprint instead of a DeepSAD network.
 
 The standardisation statistics are fitted on training data only (:class:`Standardizer`) and saved
 with the detector.
@@ -31,10 +33,11 @@ from flipad_jax.lasso import LassoOptions, Status
 
 STD_EPS = 0.05  # added to the std before dividing (reference ``EPS_std``)
 LOG_EPS = 1e-10
-FEATURE_KINDS = ("flipad", "raw", "dct")
+FEATURE_KINDS = ("flipad", "raw", "dct", "sm_f")
 # Which training samples the standardisation statistics come from by default, per feature kind
-# (the reference's image launchers); FeatureConfig.standardize overrides it.
-STANDARDIZE_ON = {"flipad": "inliers", "raw": None, "dct": "all"}
+# (the reference's image launchers); FeatureConfig.standardize overrides it. SM-F's residuals are
+# normalised by its own score, never standardised.
+STANDARDIZE_ON = {"flipad": "inliers", "raw": None, "dct": "all", "sm_f": None}
 STANDARDIZE_CHOICES = ("inliers", "all", None)
 
 
@@ -88,6 +91,16 @@ def raw_features(images, size: Optional[int] = 32):
     """RawPAD: images resized to ``size`` by nearest neighbour (None: unchanged)."""
     x = _check_images("images", images).astype(jnp.float32)
     return x if size is None or x.shape[-2:] == (size, size) else resize_nearest(x, size)
+
+
+def residual_features(images, x_range=(-1.0, 1.0)):
+    """SM-F: the PRNU noise residual (:func:`flipad_jax.prnu.noise_residual`) of images in
+    ``x_range``, mapped to the 8-bit scale [0, 255] first. ``(B, C, H, W)`` → ``(B, H, W)``."""
+    from flipad_jax.prnu import noise_residual
+
+    x = np.asarray(_check_images("images", images), np.float64)
+    low, high = map(float, x_range)
+    return noise_residual(((x - low) * (255.0 / (high - low))).astype(np.float32))
 
 
 def max_pool_to(z, size: Optional[int] = 32):
@@ -181,7 +194,7 @@ class FeatureConfig:
     detector).
 
     Attributes:
-      kind: "flipad" (needs a head), "raw" or "dct".
+      kind: "flipad" (needs a head), "raw", "dct" or "sm_f" (images in [−1, 1]).
       lam: FLIPAD's λ (paper: 5e-4 small GANs and Redwine, 1e-4 Whitewine, 1e-5 Stable
         Diffusion, 1e-3 medical).
       lasso: FLIPAD's solver settings (:class:`~flipad_jax.LassoOptions`; the reference solver
@@ -220,6 +233,9 @@ class FeatureConfig:
         check_int("invert_batch_size", self.invert_batch_size)
         if self.top_k is not None:
             check_int("top_k", self.top_k)
+        if self.kind == "sm_f" and (self.standardize_on is not None or self.top_k is not None):
+            raise ValueError(f"standardize={self.standardize!r}, top_k={self.top_k!r}: SM-F "
+                             "normalises residuals in its score; expected neither")
 
     @property
     def standardize_on(self) -> Optional[str]:
@@ -240,6 +256,8 @@ class FeatureConfig:
                                    options=self.lasso)
         if self.kind == "raw":
             return raw_features(images, self.size)
+        if self.kind == "sm_f":
+            return residual_features(images)
         return dct_features(images, self.crop)
 
     def to_json(self) -> dict:

@@ -15,6 +15,7 @@ array row, ``file.npy[i]``) and what was expected.
 from __future__ import annotations
 
 import glob
+import zlib
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
@@ -127,9 +128,10 @@ def split_validation(refs: Sequence[ImageRef], fraction: float, *, need: int, se
         raise ValueError(f"--val-fraction {fraction}: expected a number in (0, 1)")
     n_val = int(round(fraction * len(refs)))
     if n_val < need or n_val == len(refs):
-        raise ValueError(f"{what}: {len(refs)} images, so a fraction {fraction} holds out {n_val} "
-                         f"for validation, expected at least {need} and some left to train on: "
-                         "pass --val SRC, more images or a larger --val-fraction")
+        raise ValueError(f"{what}: {len(refs)} images, so --val-fraction {fraction} holds out "
+                         f"{n_val} for validation, expected at least {need} (⌈1/fnr⌉ for the "
+                         "smallest fnr) and some left to train on: pass --val SRC, more images or "
+                         "a larger --val-fraction")
     order = np.random.default_rng(seed).permutation(len(refs))
     return ([refs[i] for i in np.sort(order[n_val:])], [refs[i] for i in np.sort(order[:n_val])])
 
@@ -168,9 +170,24 @@ def pixels_to_range(pixels: np.ndarray, output_range=(-1.0, 1.0)) -> np.ndarray:
     return (low + pixels.astype(np.float32) / 255.0 * (high - low)).astype(np.float32)
 
 
+def perturb_refs(pixels: np.ndarray, names: Sequence[str], perturbation, seed: int = 0):
+    """``perturbation`` (:class:`flipad_jax.perturbations.Perturbation`) applied to the 8-bit
+    images ``pixels`` ``(n, C, H, W)`` named ``names``. Random perturbations draw each image's
+    noise from ``(seed, crc32(name))``, so an image is perturbed the same way whatever batch,
+    shard or resumed run reads it."""
+    from flipad_jax.perturbations import perturb
+
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"{names[0]}: holds {pixels.dtype} pixels, expected 8-bit images (PNG "
+                         f"files or uint8 arrays) for --perturb {perturbation}")
+    return np.concatenate([perturb(pixels[i:i + 1], perturbation, seed=seed,
+                                   first_index=zlib.crc32(name.encode("utf-8", "surrogateescape")))
+                           for i, name in enumerate(names)])
+
+
 def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
                 shape: Optional[Sequence[int]] = None, shape_from: str = "",
-                progress: bool = False) -> np.ndarray:
+                progress: bool = False, perturbation=None, seed: int = 0) -> np.ndarray:
     """The images of ``refs`` as float32 ``(len(refs), C, H, W)`` in ``output_range``.
 
     Args:
@@ -180,12 +197,15 @@ def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
       shape: the expected per-image ``(C, H, W)`` (e.g. the detector's input shape), named in
         errors by ``shape_from``; None: every image must have the first one's shape.
       progress: show a progress bar.
+      perturbation: a :class:`flipad_jax.perturbations.Perturbation` applied to the 8-bit pixels
+        before they are decoded (:func:`perturb_refs`, noise seeded by ``seed``); None: none.
     """
     from tqdm.auto import tqdm
 
     expected = None if shape is None else tuple(int(s) for s in shape)
     parts = []
     bar = tqdm(total=len(refs), disable=not progress, desc="reading", unit="img", leave=False)
+    done = 0
     for path, rows in _groups(refs):
         if rows[0] < 0:
             pixels, rows = _read_image(path)[None], None
@@ -201,7 +221,11 @@ def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
         if pixels.shape[1:] != expected:
             raise ValueError(f"{path}: image of shape (C, H, W) = {pixels.shape[1:]}, expected "
                              f"{expected} {shape_from} (mixed sizes or channel counts)")
+        if perturbation is not None:
+            pixels = perturb_refs(pixels, [r.name for r in refs[done:done + len(pixels)]],
+                                  perturbation, seed)
         parts.append(_to_range(pixels, output_range, path, rows))
+        done += len(pixels)
         bar.update(len(pixels))
     bar.close()
     if not parts:

@@ -60,6 +60,21 @@ def made_by_g(scores, tau: float) -> np.ndarray:
     return np.asarray(scores) <= tau
 
 
+def p_values(val_scores, scores) -> np.ndarray:
+    """Split-conformal p-values of "made by G": p(x) = (1 + #{v ≥ s(x)}) / (n_val + 1) over G's
+    validation scores v, ``(n,)`` float64.
+
+    For a sample of G exchangeable with the validation samples, P(p(x) ≤ α) ≤ α for every α,
+    whatever the detector; rejecting "made by G" when p(x) ≤ α therefore has false-negative rate
+    at most α. The threshold τ(fnr) rejects where s(x) > τ, i.e. roughly where p(x) < fnr (the
+    two differ by the quantile's interpolation and the +1 of the conformal count).
+    """
+    v = np.sort(_scores("val_scores", val_scores))
+    s = np.asarray(scores, np.float64)
+    at_least = v.size - np.searchsorted(v, s, side="left")
+    return (1.0 + at_least) / (v.size + 1.0)
+
+
 def rates(scores_model, scores_other, tau: float) -> dict:
     """``tpr`` (G attributed to G), ``fnr`` = 1 − tpr, ``tnr`` (G′ rejected), ``fpr`` = 1 − tnr."""
     sg = _scores("scores_model", scores_model)

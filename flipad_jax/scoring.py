@@ -12,9 +12,10 @@ digest, a hash of the input list, the format and the columns. A run that finds `
 line, skips the inputs already scored and appends the rest, so a rerun after a kill yields every
 input exactly once. A lock (``flock``) on the partial file keeps two runs from writing it at once.
 
-Rows: CSV ``path,score,g_at_fnr_0.005,...`` (verdicts ``true``/``false``); JSONL
-``{"path": ..., "score": ..., "verdict": {"0.005": true, ...}}``. A verdict is True where the
-image is attributed to G (score ≤ τ(fnr)). Scores are written with ``repr`` of the float32 value,
+Rows: CSV ``path,score,p_value,g_at_fnr_0.005,...`` (verdicts ``true``/``false``); JSONL
+``{"path": ..., "score": ..., "p_value": ..., "verdict": {"0.005": true, ...}}``. A verdict is
+True where the image is attributed to G (score ≤ τ(fnr)); the p-value is the split-conformal one
+of :func:`flipad_jax.metrics.p_values`. Scores are written with ``repr`` of the float32 value,
 so they read back exactly.
 """
 
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from flipad_jax._files import check_new_path
 from flipad_jax._partial import PartialOutput, row_format
 from flipad_jax.images import ImageRef, read_images
+from flipad_jax.metrics import p_values
 
 # -- inputs -----------------------------------------------------------------------------------
 
@@ -53,9 +55,11 @@ def shard(refs: Sequence[ImageRef], k: int, n: int) -> list[ImageRef]:
 
 
 def score_batches(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0),
-                  batch_size: int = 256) -> Iterator[tuple[list[ImageRef], np.ndarray]]:
+                  batch_size: int = 256, perturbation=None, seed: int = 0
+                  ) -> Iterator[tuple[list[ImageRef], np.ndarray]]:
     """Yield ``(refs_batch, scores)`` for consecutive batches of ``refs``, reading only one batch
-    of images at a time; images are checked against the detector's input shape. The arguments
+    of images at a time; images are checked against the detector's input shape, and perturbed
+    first if ``perturbation`` is given (:func:`flipad_jax.images.read_images`). The arguments
     are checked at the call, before any image is read."""
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"--batch-size {batch_size!r}: expected an int >= 1")
@@ -68,19 +72,22 @@ def score_batches(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0
         for start in range(0, len(refs), batch_size):
             batch = list(refs[start:start + batch_size])
             images = read_images(batch, output_range, shape=shape,
-                                 shape_from="(the detector's input shape)")
+                                 shape_from="(the detector's input shape)",
+                                 perturbation=perturbation, seed=seed)
             yield batch, np.asarray(detector.score(images), np.float32)
 
     return batches()
 
 
 def score_all(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0),
-              batch_size: int = 256, progress: bool = False, desc: str = "scoring") -> np.ndarray:
+              batch_size: int = 256, progress: bool = False, desc: str = "scoring",
+              perturbation=None, seed: int = 0) -> np.ndarray:
     """Scores of all ``refs`` (in order), computed batch by batch as in :func:`score_batches`."""
     out = []
     with tqdm(total=len(refs), disable=not progress, desc=desc, unit="img") as bar:
         for batch, scores in score_batches(detector, refs, output_range=output_range,
-                                           batch_size=batch_size):
+                                           batch_size=batch_size, perturbation=perturbation,
+                                           seed=seed):
             out.append(scores)
             bar.update(len(batch))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
@@ -112,7 +119,7 @@ def check_output(out, *, overwrite: bool = False) -> Path:
 
 def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
                  output_range=(-1.0, 1.0), batch_size: int = 256, overwrite: bool = False,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, perturbation=None, seed: int = 0) -> Path:
     """Score ``refs`` with ``detector`` into ``out`` (.csv or .jsonl), resumably (module doc).
 
     Args:
@@ -121,6 +128,8 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
       sidecar: what identifies this run besides the inputs and format, e.g.
         ``{"detector": path, "detector_sha256": detector_digest(path), "shard": "0/1"}``.
       overwrite: replace an existing ``out``; discard a partial file of another run.
+      perturbation, seed: perturb the 8-bit inputs first (recorded in the sidecar, so a resumed
+        run must use the same).
 
     Returns:
       ``(out, resumed)``: the path written and how many rows came from an earlier run.
@@ -128,7 +137,8 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
     out = check_output(out, overwrite=overwrite)
     fmt = row_format(out, detector.thresholds_)
     names = [r.name for r in refs]
-    sidecar = dict(sidecar, inputs_sha256=inputs_digest(names), n_inputs=len(names))
+    sidecar = dict(sidecar, inputs_sha256=inputs_digest(names), n_inputs=len(names),
+                   perturb=None if perturbation is None else [str(perturbation), seed])
     score_batches(detector, [], batch_size=batch_size)  # checks the arguments
     with PartialOutput(out, fmt, sidecar, overwrite=overwrite) as sink:
         done = set(sink.done)
@@ -138,8 +148,10 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
         with tqdm(total=len(refs), initial=len(done), disable=not progress, desc="scoring",
                   unit="img") as bar:
             for batch, scores in score_batches(detector, todo, output_range=output_range,
-                                               batch_size=batch_size):
-                sink.append(fmt.lines([r.name for r in batch], scores, detector.thresholds_),
-                            len(batch))
+                                               batch_size=batch_size, perturbation=perturbation,
+                                               seed=seed):
+                sink.append(fmt.lines([r.name for r in batch], scores,
+                                      p_values(detector.val_scores_, scores),
+                                      detector.thresholds_), len(batch))
                 bar.update(len(batch))
         return sink.finish(len(refs)), len(done)

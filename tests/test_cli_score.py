@@ -96,13 +96,13 @@ def test_kill_half_way_then_resume_scores_every_input_once(setup, tmp_path):
     assert out.exists() and not partial.exists()
     assert not (tmp_path / "scores.csv.partial.json").exists()
     rows = _csv_rows(out)
-    assert rows[0] == ["path", "score", "g_at_fnr_0.05"] and len(rows) == 10001
+    assert rows[0] == ["path", "score", "p_value", "g_at_fnr_0.05"] and len(rows) == 10001
     names = [r[0] for r in rows[1:]]
     assert names == [f"{tmp_path / 'big.npy'}[{i}]" for i in range(10000)]  # each once, in order
     scores = np.array([float(r[1]) for r in rows[1:]])
     np.testing.assert_allclose(scores, det.score(x), rtol=0, atol=1e-6)
     tau = det.thresholds_[0.05]
-    assert [r[2] for r in rows[1:]] == ["true" if s <= tau else "false" for s in scores]
+    assert [r[3] for r in rows[1:]] == ["true" if s <= tau else "false" for s in scores]
     # the same bytes as one uninterrupted run with the same batches (other batch sizes may
     # round differently, within 1e-6)
     assert _score(d / "det0", tmp_path / "big.npy", out=tmp_path / "once.csv",
@@ -238,11 +238,24 @@ def test_bad_images_are_refused_naming_the_file(setup, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "s.txt").exists()
 
 
-def test_usage_errors_exit_1(capsys):
+def test_exit_status_tells_usage_errors_refusals_and_bugs_apart(capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         main(["score", "det"])
-    assert info.value.code == 1
+    assert info.value.code == 2  # argparse's convention for usage errors
     assert "flipad score: error: the following arguments are required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("flipad-jax ")
+    from flipad_jax import scoring
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(scoring, "parse_shard", broken)
+    assert main(["score", "det", "x.npy", "--out", "s.csv"]) == 3
+    assert "internal error (a bug" in capsys.readouterr().err
+    assert main(["--verbose", "score", "det", "x.npy", "--out", "s.csv"]) == 3
+    assert "Traceback" in capsys.readouterr().err
 
 
 def _conv_head_bundle(path, seed):
@@ -321,7 +334,7 @@ def test_score_shards_and_evaluate_end_to_end(setup, tmp_path, suffix, capsys):
     text = whole.read_text()
     if suffix == ".csv":
         rows = _csv_rows(whole)[1:]
-        got = {r[0]: (float(r[1]), r[2] == "true") for r in rows}
+        got = {r[0]: (float(r[1]), r[3] == "true") for r in rows}
     else:
         rows = [json.loads(line) for line in text.splitlines()]
         got = {r["path"]: (r["score"], r["verdict"]["0.05"]) for r in rows}

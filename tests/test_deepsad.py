@@ -146,3 +146,16 @@ def test_repeated_milestone_applies_gamma_twice_like_torch():
         np.testing.assert_allclose(float(ours(epoch)), opt.param_groups[0]["lr"], rtol=1e-6)
         opt.step()
         sched.step()
+
+
+def test_score_in_cpu_chunks_equals_one_forward():
+    """Scoring splits large batches into row chunks on a CPU; the scores are those of one
+    eval-mode forward over all rows."""
+    from flipad_jax.deepsad import CPU_EVAL_ROWS, DeepSADModel
+    net = build_network("lenet_cifar10", in_channels=2, input_size=8, widths=(4, 3), rep_dim=5)
+    x = np.asarray(jax.random.normal(jax.random.key(4), (2 * CPU_EVAL_ROWS + 37, 2, 8, 8)))
+    v = net.init(jax.random.key(0), x[:1])
+    model = DeepSADModel(v, jnp.full((5,), 0.3))
+    z = np.asarray(net.apply(v, x, train=False), np.float64)
+    expected = np.sum(np.square(z - 0.3), axis=-1)
+    np.testing.assert_allclose(score(net, model, x, batch_size=1024), expected, rtol=1e-5)
