@@ -41,6 +41,7 @@ from flax import linen as nn
 from tqdm.auto import tqdm
 
 from flipad_jax._checks import check_finite, check_floating, check_int
+from flipad_jax._optax import standard_promotion
 from flipad_jax.sharding import map_batches
 
 DIST_EPS = 1e-6  # added to d before the power ỹ (the reference's ``eps``)
@@ -103,18 +104,9 @@ def lr_schedule(lr: float, steps_per_epoch: int, milestones: Sequence[int] = (25
 def adam_l2(schedule, weight_decay: float = 5e-7, b1: float = 0.9, b2: float = 0.999,
             eps: float = 1e-8) -> optax.GradientTransformation:
     """``torch.optim.Adam(weight_decay=wd)``: the decay wd·θ joins the gradient before Adam."""
-    tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                     optax.scale_by_schedule(lambda count: -schedule(count)))
-
-    # optax's bias correction raises a Python float to the int32 step count (b1 ** count), an
-    # implicit promotion that jax_numpy_dtype_promotion="strict" rejects; it is optax's, so
-    # optax's update runs under standard promotion whatever the caller's setting.
-    def update(updates, state, params=None):
-        with jax.numpy_dtype_promotion("standard"):
-            return tx.update(updates, state, params)
-
-    return optax.GradientTransformation(tx.init, update)
+    return standard_promotion(optax.chain(
+        optax.add_decayed_weights(weight_decay), optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.scale_by_schedule(lambda count: -schedule(count))))
 
 
 # XLA:CPU runs the convolutions of an eval-mode forward ~20% faster through Eigen than through
