@@ -37,8 +37,9 @@ Stopping rules (``stop=``), each checked after every iteration:
   whose λ is at rounding level (λ ≤ ε · ‖Aᵀr‖∞, ‖Aᵀr‖∞ being the λ above which δ = 0 is
   optimal) may also stop on the KKT residual: ‖∇f(y)‖∞ ≤ tol · ‖Aᵀr‖∞.
   The certificate is pessimistic on these high-dimensional problems: on the DCGAN layer
-  (float32, CPU) stopping at a certified relative gap of 1e-3 took about 1400 iterations, and
-  the true relative suboptimality there was 9e-7.
+  (float32, CPU) stopping at a certified relative gap of 1e-3 took up to 2155 iterations (mean
+  1676, batch of 16; ``benchmarks/results/solver_cpu.json``), while the true relative
+  suboptimality there was about 1e-6 (``benchmarks/README.md``).
   Default ``tol``: 1e-3 in float32, 1e-6 in float64. float32's gap is accurate to about 5e-5
   relative on the DCGAN layer on CPU, and GPUs run float32 convolutions in TF32 by default
   (``precision=None``), whose rounding (about 1e-3 relative) bounds what can be certified.

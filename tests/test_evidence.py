@@ -21,7 +21,7 @@ from PIL import Image
 import flipad_jax as fj
 from flipad_jax.cli import main
 from flipad_jax.detector import Detector
-from test_cli_score import _conv_head_bundle, _images
+from tests.test_cli_score import _conv_head_bundle, _images
 
 SMALL = dict(training=fj.DeepSADConfig(epochs=4, batch_size=32,
                                        network_kwargs=dict(widths=(8, 8, 8), rep_dim=16)),

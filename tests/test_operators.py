@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flipad_jax as fj
-from _geometry import build, conv_geometry, weight_shape
+from tests._geometry import build, conv_geometry, weight_shape
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -28,6 +28,7 @@ def _dense(op):
     return np.asarray(op(basis)).reshape(n, -1).T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transposed", [False, True])
 @SETTINGS
 @given(data=st.data())
@@ -45,6 +46,7 @@ def test_adjoint_dot_product_and_linear_transpose(x64, transposed, data):
     np.testing.assert_allclose(op.T(y), oracle, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(out_dim=st.integers(1, 7), in_dim=st.integers(1, 7), batch=st.integers(1, 3),
        seed=st.integers(0, 2**31))
@@ -57,6 +59,7 @@ def test_linear_adjoint(x64, out_dim, in_dim, batch, seed):
     np.testing.assert_allclose(jnp.vdot(op(z), y), jnp.vdot(z, op.T(y)), rtol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [
     lambda w: fj.ConvTranspose2d(w, stride=2, padding=1, in_size=(5, 4)),
     lambda w: fj.Conv2d(w, stride=1, padding=1, in_size=(6, 5)),
