@@ -42,7 +42,7 @@ from safetensors.numpy import load_file, save_file
 
 from flipad_jax._files import atomic_dir
 from flipad_jax.activations import ACTIVATIONS
-from flipad_jax.operators import Conv2d, ConvTranspose2d, Linear, lipschitz_constant
+from flipad_jax.operators import Conv2d, ConvTranspose2d, Linear
 
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "head.safetensors"
@@ -291,7 +291,7 @@ def _check_lipschitz(bundle: Bundle) -> None:
     diverges; too large, the solver crawls. A stored value above the estimate is given the
     wider margin because a short Lanczos run may still be below ‖A‖²."""
     op = build_operator(bundle)
-    estimate = lipschitz_constant(op, op.in_shape, rtol=1e-4, max_steps=128)
+    estimate = op.lipschitz(rtol=1e-4, max_steps=128)
     stored = bundle.meta["lipschitz"]
     if not estimate * (1 - LIPSCHITZ_CHECK_LOW) <= stored <= estimate * (1 + LIPSCHITZ_CHECK_HIGH):
         raise ValueError(f"head.json field 'lipschitz' is {stored:.6g} but the weights give "

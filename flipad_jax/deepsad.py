@@ -41,6 +41,7 @@ from flax import linen as nn
 from tqdm.auto import tqdm
 
 from flipad_jax._checks import check_finite, check_floating, check_int
+from flipad_jax._optax import standard_promotion
 from flipad_jax.sharding import map_batches
 
 DIST_EPS = 1e-6  # added to d before the power ỹ (the reference's ``eps``)
@@ -103,9 +104,9 @@ def lr_schedule(lr: float, steps_per_epoch: int, milestones: Sequence[int] = (25
 def adam_l2(schedule, weight_decay: float = 5e-7, b1: float = 0.9, b2: float = 0.999,
             eps: float = 1e-8) -> optax.GradientTransformation:
     """``torch.optim.Adam(weight_decay=wd)``: the decay wd·θ joins the gradient before Adam."""
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                       optax.scale_by_schedule(lambda count: -schedule(count)))
+    return standard_promotion(optax.chain(
+        optax.add_decayed_weights(weight_decay), optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.scale_by_schedule(lambda count: -schedule(count))))
 
 
 # XLA:CPU runs the convolutions of an eval-mode forward ~20% faster through Eigen than through
@@ -136,7 +137,7 @@ def _embed(net, variables, x):
 
 def _score(net, model, x):
     z = net.apply(model.variables, x, train=False)
-    return jnp.sum(jnp.square(z - model.center), axis=-1)
+    return jnp.sum(jnp.square(z - model.center[None]), axis=-1)
 
 
 @functools.lru_cache(maxsize=4)
@@ -271,7 +272,7 @@ def _trainer(net, eta, n_batches, lr, milestones, gamma, weight_decay):
         def loss_fn(p):
             z, updates = net.apply({"params": p, "batch_stats": batch_stats}, xb, train=True,
                                    mutable=["batch_stats"])
-            dist = jnp.sum(jnp.square(z - center), axis=-1)
+            dist = jnp.sum(jnp.square(z - center[None]), axis=-1)
             return deepsad_loss(dist, yb, eta), updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

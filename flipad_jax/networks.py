@@ -79,7 +79,9 @@ class BatchNorm(nn.Module):
                 ra_mean.value = (1 - m) * ra_mean.value + m * lax.stop_gradient(mean)
                 ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(var) * (n / (n - 1))
             return y
-        return (x - ra_mean.value) * lax.rsqrt(ra_var.value + self.epsilon)
+        per_channel = (1,) * (x.ndim - 1) + (features,)  # (C,) statistics against (..., C) x
+        return ((x - ra_mean.value.reshape(per_channel))
+                * lax.rsqrt(ra_var.value + self.epsilon).reshape(per_channel))
 
 
 def _leaky_relu(x):

@@ -36,10 +36,10 @@ def batch_normalize(x, eps: float):
 def _normalize(x, eps):
     rows = x.reshape(-1, x.shape[-1])
     mean = jnp.mean(rows, axis=0)
-    var = jnp.mean(jnp.square(rows - mean), axis=0)
+    var = jnp.mean(jnp.square(rows - mean[None]), axis=0)
     rstd = lax.rsqrt(var + eps)
     # residuals: the input itself, not x − mean, which would be one more array of x's size
-    return (((rows - mean) * rstd).reshape(x.shape), mean, var), (rows, mean, rstd)
+    return (((rows - mean[None]) * rstd[None]).reshape(x.shape), mean, var), (rows, mean, rstd)
 
 
 def _normalize_fwd(x, eps):
@@ -51,11 +51,12 @@ def _normalize_bwd(eps, residuals, cotangents):
     gy, gmean, gvar = cotangents
     n = rows.shape[0]
     g = gy.reshape(rows.shape)
-    centred = rows - mean
-    y = centred * rstd
+    centred = rows - mean[None]
+    y = centred * rstd[None]
     # d/dx of y: rstd · (g − mean(g) − y · mean(g·y)); of mean: 1/N; of var: 2 (x − mean) / N.
-    gx = (rstd * (g - jnp.mean(g, axis=0) - y * jnp.mean(g * y, axis=0))
-          + (gmean + 2.0 * gvar * centred) / n)
+    gx = (rstd[None] * (g - jnp.mean(g, axis=0, keepdims=True)
+                        - y * jnp.mean(g * y, axis=0, keepdims=True))
+          + (gmean[None] + 2.0 * gvar[None] * centred) / n)
     return (gx.reshape(gy.shape),)
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ from tests._geometry import build, conv_geometry, weight_shape
 def _kkt_violation(op, o, lam, z, anchor):
     """max_j dist(−∇_j, λ ∂|z_j − z̄_j|), computed from the operator alone (not the solver)."""
     grad = np.asarray(op.T(op.affine(z) - o))
-    delta = np.asarray(z - anchor)
+    delta = np.asarray(z) - anchor
     lam = np.reshape(lam, (-1,) + (1,) * (delta.ndim - 1))
     on = np.abs(grad + lam * np.sign(delta))
     off = np.maximum(np.abs(grad) - lam, 0)
@@ -30,7 +31,7 @@ def _kkt_violation(op, o, lam, z, anchor):
 
 def _objective(op, o, lam, z, anchor):
     res = np.asarray(op.affine(z) - o).reshape(len(o), -1)
-    l1 = np.abs(np.asarray(z - anchor)).reshape(len(o), -1).sum(axis=1)
+    l1 = np.abs(np.asarray(z) - anchor).reshape(len(o), -1).sum(axis=1)
     return 0.5 * (res ** 2).sum(axis=1) + np.asarray(lam) * l1
 
 
@@ -194,8 +195,8 @@ def test_paper_mode_reproduces_reference_fista_iterate_for_iterate(x64, kind, lr
         ours = fj.solve_lasso(op, o, alpha, anchor=zbar, options=fj.LassoOptions.paper(op), max_iter=k,
                              tol=0.0)
         assert ours.step == lr
-        np.testing.assert_allclose(ours.z - zbar, iterates[k - 1].numpy(), rtol=1e-9,
-                                   atol=1e-12)
+        np.testing.assert_allclose(np.asarray(ours.z) - zbar, iterates[k - 1].numpy(),
+                                   rtol=1e-9, atol=1e-12)
 
 
 def test_paper_mode_stops_on_the_batch_wide_rule(x64):
@@ -249,12 +250,14 @@ def test_float32_agrees_with_float64():
     op32 = _small_dcgan_layer(rng, np.float32)
     o = rng.normal(size=(2,) + op32.out_shape).astype(np.float32)
     res32 = fj.solve_lasso(op32, o, 0.01)
-    assert res32.z.dtype == jnp.float32 and bool(jnp.all(res32.converged))
+    chex.assert_type(res32.z, jnp.float32)
+    chex.assert_shape(res32.z, (2,) + op32.in_shape)
+    assert bool(jnp.all(res32.converged))
     with jax.enable_x64(True):
         op64 = fj.ConvTranspose2d(np.asarray(op32.weight, np.float64), stride=2, padding=1,
                                   in_size=op32.in_size)
         res64 = fj.solve_lasso(op64, o.astype(np.float64), 0.01, tol=1e-12)
-        assert res64.z.dtype == jnp.float64
+        chex.assert_type(res64.z, jnp.float64)
         np.testing.assert_allclose(res32.objective, res64.objective, rtol=1e-4)
 
 

@@ -99,7 +99,7 @@ def test_lenet_matches_pytorch_in_train_and_eval_mode(stem):
     net = build_network("lenet_cifar10", in_channels=in_ch, input_size=size, widths=widths,
                         rep_dim=16, stem=stem)
     with jax.enable_x64(True):
-        v = net.init(jax.random.key(0), jnp.zeros((1, in_ch, size, size), jnp.float64))
+        v = net.init(jax.random.key(0), jnp.zeros((1, in_ch, size, size), jnp.float32))
         params = {f"conv{i}": {"kernel": jnp.asarray(c.weight.detach().numpy().transpose(2, 3, 1, 0))}
                   for i, c in enumerate(tnet.convs)}
         params["fc"] = {"kernel": jnp.asarray(tnet.fc.weight.detach().numpy().T)}
