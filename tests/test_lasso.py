@@ -60,17 +60,26 @@ def test_matches_sklearn_lasso(x64):
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(m=st.integers(1, 12), n=st.integers(1, 12), batch=st.integers(1, 3),
-       lam=st.one_of(st.just(0.0), st.floats(1e-4, 2.0)), seed=st.integers(0, 2**31))
+       lam=st.floats(0.0, 2.0), seed=st.integers(0, 2**31))
 def test_property_kkt_and_certificates_on_random_problems(x64, m, n, batch, lam, seed):
-    """tol 1e-12 certified, then KKT and the objective checked independently. λ is 0 (the KKT
-    branch) or ≥ 1e-4: for λ ≈ 1e-7 on an exactly solvable square system, P* ≈ λ‖δ*‖₁ is so small
-    that the gap's own float64 rounding (about ε·‖δ‖·‖Aᵀρ‖) exceeds tol·P, and the solve ends at
-    max_iter, reported as such (a limit of the stop rule's rounding term, noted in issue 11)."""
+    """tol 1e-12, then KKT and the objective checked independently of the solver.
+
+    A sample either stops certified, or runs to max_iter with its reported gap at the float64
+    rounding level of the gap's own sum, ε·‖δ‖₁·(λ + ‖Aᵀr‖∞) (times a few for the matvecs'
+    rounding): with P* ≈ λ‖δ*‖₁ tiny (a small λ on an exactly solvable system) tol·P is below
+    what float64 can certify, and the stop rule's rounding term ε·½‖r‖² does not cover that sum
+    (a known limit, noted in issue 11). Either way the KKT conditions must hold."""
     rng = np.random.default_rng(seed)
     op = fj.Linear(rng.normal(size=(m, n)), rng.normal(size=m))
     o, anchor = rng.normal(size=(batch, m)), rng.normal(size=n)
     res = fj.solve_lasso(op, o, lam, anchor=anchor, tol=1e-12, max_iter=100000)
-    assert bool(jnp.all(res.converged)), res.status
+    a = np.asarray(op.weight)
+    r = o - np.asarray(op.affine(anchor[None]))
+    delta_l1 = np.abs(np.asarray(res.z) - anchor).sum(axis=1)
+    rounding = 16 * np.finfo(np.float64).eps * (
+        0.5 * (r ** 2).sum(axis=1) + delta_l1 * (lam + np.abs(r @ a).max(axis=1)))
+    capped = ~np.asarray(res.converged)
+    assert np.all(np.asarray(res.gap)[capped] <= rounding[capped]), (res.status, res.gap)
     # A certified gap ε bounds the KKT residual by about sqrt(2Lε), not by ε itself.
     assert np.all(_kkt_violation(op, o, lam, res.z, anchor) <= 1e-5)
     np.testing.assert_allclose(res.objective, _objective(op, o, lam, res.z, anchor), rtol=1e-9,
