@@ -74,9 +74,9 @@ def main():
                 tag = f"{layout}_{precision or 'default'}"
                 res[f"{tag}_forward_ms"] = bench(jax.jit(op.apply), zi)
                 res[f"{tag}_adjoint_ms"] = bench(
-                    jax.jit(lambda o, y: o.adjoint(y, zshape)), op, yi)
+                    jax.jit(lambda o, y: o.adjoint(y)), op, yi)
                 res[f"{tag}_pair_ms"] = bench(
-                    jax.jit(lambda o, v: o.adjoint(o.apply(v), zshape)), op, zi)
+                    jax.jit(lambda o, v: o.adjoint(o.apply(v))), op, zi)
                 # Whole solver iterations (gap rule, certificates included), amortised.
                 o_pub = op.out_from_internal(yi)
                 run = lambda it: fj.solve_lasso(op, o_pub, 5e-4, max_iter=it,  # noqa: E731

@@ -11,10 +11,15 @@ both loops measure the train step and not input pipelines.
 Reported: samples/s per epoch for training (median over the timed epochs of all rounds; the
 first epoch of each round, which compiles or warms up, is excluded on both sides) and for
 scoring (eval mode, batches of 1024, median over repeats after a warm-up), and the ratios
-ours / PyTorch. Ours and PyTorch alternate for ``--rounds`` rounds, so drifting machine load hits
-both alike.
+ours / PyTorch, overall and per round. Ours and PyTorch alternate for ``--rounds`` rounds, so
+drifting machine load hits both alike. Both use the same number of threads (PyTorch's
+``torch.get_num_threads()``, XLA's Eigen pool: one per core), recorded with the load average.
 
-    python benchmarks/deepsad.py --device cpu --out deepsad_cpu.json
+Loss curve: ours is also trained for as many epochs as ``--loss-baseline`` holds (key 0, the same
+data) and its per-epoch mean losses are compared with those of the unchanged implementation
+recorded there (``loss_max_rel_dev``; the bar is 1%).
+
+    python benchmarks/deepsad.py --device cpu --out benchmarks/results/deepsad_cpu.json
     python benchmarks/deepsad.py --device cuda --networks lenet_cifar10 lenet_64channels \
         --n 8192 --epochs 4 --out deepsad_cuda.json
 """
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -130,6 +137,19 @@ def bench_ours(name, x_np, y_np, batch, epochs, score_repeats):
             "score_samples_per_s": len(x_np) / np.median(times)}
 
 
+def loss_curve(name, x_np, y_np, batch, epochs):
+    """Ours: per-epoch mean training loss, key 0."""
+    import jax
+
+    from flipad_jax.deepsad import train_deepsad
+    from flipad_jax.networks import build_network
+
+    net = build_network(name, in_channels=x_np.shape[1], input_size=x_np.shape[2])
+    _, log = train_deepsad(net, x_np, y_np, key=jax.random.key(0), epochs=epochs,
+                           batch_size=batch, progress=False)
+    return log.loss.tolist()
+
+
 def _rounds():
     return {"train_samples_per_s": [], "score_samples_per_s": []}
 
@@ -149,6 +169,9 @@ def main(argv=None):
     p.add_argument("--score-repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2,
                    help="alternate ours and PyTorch this many times (evens out load drift)")
+    p.add_argument("--loss-baseline", default=str(Path(__file__).parent / "results"
+                                                     / "deepsad_loss_baseline.json"),
+                   help="epoch losses of the unchanged implementation (JSON); '' to skip")
     p.add_argument("--out", help="write the results as JSON to this file")
     args = p.parse_args(argv)
 
@@ -160,37 +183,60 @@ def main(argv=None):
     if (args.device == "cuda") != (backend == "gpu"):
         raise SystemExit(f"--device {args.device} but JAX's backend is {backend!r}: run both "
                          "frameworks on the same kind of device")
-    rng = np.random.default_rng(0)
     results = {"device": args.device, "jax_devices": [str(d) for d in jax.devices()],
                "torch_device": str(torch.cuda.get_device_name(0) if args.device == "cuda"
                                    else platform.processor() or platform.machine()),
-               "torch_threads": torch.get_num_threads(), "n": args.n, "batch": args.batch,
+               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+               "load_average_start": os.getloadavg(), "n": args.n, "batch": args.batch,
                "epochs_timed": args.epochs, "rounds": args.rounds, "versions": {"jax": jax.__version__,
                                                          "torch": torch.__version__},
                "networks": {}}
+    baseline = (json.loads(Path(args.loss_baseline).read_text())["networks"]
+                if args.loss_baseline else {})
     for name in args.networks:
         shape, widths = SPECS[name]
+        rng = np.random.default_rng(0)  # per network: the loss baseline's data
         x = rng.normal(size=(args.n,) + shape).astype(np.float32)
         y = np.where(np.arange(args.n) % 2 == 0, 1, -1).astype(np.int32)
         ours, ref = _rounds(), _rounds()
+        per_round = []
         for _ in range(args.rounds):
-            _merge(ours, bench_ours(name, x, y, args.batch, args.epochs, args.score_repeats))
-            _merge(ref, bench_torch(torch, device, shape, widths, x, y, args.batch, args.epochs,
-                                    args.score_repeats))
+            one = bench_ours(name, x, y, args.batch, args.epochs, args.score_repeats)
+            two = bench_torch(torch, device, shape, widths, x, y, args.batch, args.epochs,
+                              args.score_repeats)
+            per_round.append({
+                "train_ratio": float(np.median(one["train_samples_per_s"])
+                                     / np.median(two["train_samples_per_s"])),
+                "score_ratio": float(one["score_samples_per_s"] / two["score_samples_per_s"])})
+            _merge(ours, one)
+            _merge(ref, two)
         ours["score_samples_per_s"] = float(np.median(ours["score_samples_per_s"]))
         ref["score_samples_per_s"] = float(np.median(ref["score_samples_per_s"]))
         row = {"ours": ours, "torch": ref,
                "train_ratio": float(np.median(ours["train_samples_per_s"])
                                     / np.median(ref["train_samples_per_s"])),
-               "score_ratio": float(ours["score_samples_per_s"] / ref["score_samples_per_s"])}
+               "score_ratio": float(ours["score_samples_per_s"] / ref["score_samples_per_s"]),
+               "per_round": per_round}
+        base = baseline.get(name)
+        if base and (base["n"], base["batch"]) == (args.n, args.batch):
+            losses = loss_curve(name, x, y, args.batch, len(base["epoch_loss"]))
+            dev = np.abs(np.array(losses) / np.array(base["epoch_loss"]) - 1)
+            row.update(epoch_loss=losses, baseline_epoch_loss=base["epoch_loss"],
+                       loss_max_rel_dev=float(dev.max()))
         results["networks"][name] = row
         print(f"{name}: train samples/s ours {np.median(ours['train_samples_per_s']):.1f} vs "
               f"torch {np.median(ref['train_samples_per_s']):.1f} (x{row['train_ratio']:.2f}); "
               f"score ours {ours['score_samples_per_s']:.1f} vs torch "
-              f"{ref['score_samples_per_s']:.1f} (x{row['score_ratio']:.2f})", flush=True)
+              f"{ref['score_samples_per_s']:.1f} (x{row['score_ratio']:.2f}); per round "
+              + ", ".join(f"x{r['train_ratio']:.2f}/x{r['score_ratio']:.2f}" for r in per_round)
+              + (f"; loss vs unchanged: max rel. dev. {row['loss_max_rel_dev']:.2e}"
+                 if "loss_max_rel_dev" in row else ""), flush=True)
+    results["load_average_end"] = os.getloadavg()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        from flipad_jax._files import atomic_file
+
+        with atomic_file(args.out) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
     return results
 
 

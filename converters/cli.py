@@ -55,13 +55,18 @@ def _range(text: str) -> tuple:
     return low, high
 
 
-def _common(p: argparse.ArgumentParser, batch_size: str) -> None:
-    p.add_argument("model", metavar="MODEL", help="state_dict (.pt/.pth) or .safetensors with "
-                   "--arch, TorchScript file, or torch.export program (.pt2)")
+def _model_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
+    """MODEL, --out, --arch and --arch-opt: how every converter subcommand names its input."""
+    p.add_argument("model", metavar="MODEL", help=model_help)
     p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
     p.add_argument("--arch", metavar="NAME", help=f"architecture of a weights file: {ARCH_NAMES}")
     p.add_argument("--arch-opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="architecture option (repeatable), e.g. nc=1, image_size=32, nz=100")
+
+
+def _common(p: argparse.ArgumentParser, batch_size: str) -> None:
+    _model_arguments(p, "state_dict (.pt/.pth) or .safetensors with --arch, TorchScript file, "
+                        "or torch.export program (.pt2)")
     p.add_argument("--latent-shape", type=_ints, metavar="D,...",
                    help="per-sample latent shape, e.g. 100,1,1 (default: from the architecture)")
     p.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
@@ -187,12 +192,8 @@ def add_convert_generator_parser(subparsers) -> argparse.ArgumentParser:
         description="Port every layer of the generator to JAX (eval-mode BatchNorm), check the "
         "JAX forward against torch's on seeded latents, and write generator.safetensors + "
         "generator.json. Needed by the SM-Inv₂ baseline, which inverts all of G.")
-    p.add_argument("model", metavar="MODEL", help="state_dict (.pt/.pth) or .safetensors with "
-                   "--arch, or a pickled module with --trust-pickle")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
-    p.add_argument("--arch", metavar="NAME", help=f"architecture of a weights file: {ARCH_NAMES}")
-    p.add_argument("--arch-opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
-                   help="architecture option (repeatable), e.g. nc=1, image_size=32, nz=100")
+    _model_arguments(p, "state_dict (.pt/.pth) or .safetensors with --arch, or a pickled "
+                        "module with --trust-pickle")
     p.add_argument("--check-dtype", choices=("float32", "float64"), default="float64",
                    help="self-check precision (default float64)")
     p.add_argument("--trust-pickle", action="store_true",

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from converters.generators import build_generator
+from flipad_jax._files import sha256_file
 
 
 class Source(NamedTuple):
@@ -48,14 +49,6 @@ class Source(NamedTuple):
     arch: Optional[str]
     arch_options: dict
     latent_shape: Optional[tuple]
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_dict_sha256(state_dict) -> str:
@@ -175,7 +168,7 @@ def load_generator(model, *, arch: Optional[str] = None, arch_options: Optional[
     if not path.is_file():
         raise ValueError(f"model={str(path)!r}: no such file")
     kind = _sniff(path)
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     if kind in ("torchscript", "export"):
         if arch is not None:
             raise ValueError(f"arch={arch!r}: {path.name} is a {kind} program that carries its "

@@ -18,15 +18,16 @@ Layout (DESIGN.md, "The head bundle")::
                      for tanh and sigmoid heads it is the activation's range
     zbar             n_samples, seed, batch_size (ints), bn_mode ("eval" | "train" |
                      "as_exported"), latent_shape (ints), latent_scheme (how latents are drawn)
-    lipschitz        ‖A‖² of the linear map (power iteration), > 0
+    lipschitz        ‖A‖² of the linear map (Lanczos iteration), > 0; checked on reading
     source           format, file (name or null), sha256 (64 hex digits), arch (or null),
                      arch_options (object)
     versions         torch, flipad_jax (strings)
     self_check       n_samples, dtype, max_abs_error, tolerance
 
-Reading validates every field and the array shapes against the geometry; every error names the
-field. Nothing here imports torch: the converter writes bundles through this module, and
-:class:`flipad_jax.Head` reads them through it.
+Reading validates every field and the array shapes against the geometry, and re-estimates
+``lipschitz`` from the weights (a wrong one would make the default solver step diverge or
+crawl); every error names the field. Nothing here imports torch: the converter writes bundles
+through this module, and :class:`flipad_jax.Head` reads them through it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ WEIGHTS_FILE = "head.safetensors"
 META_FILE = "head.json"
 LAYER_KINDS = ("conv2d", "conv_transpose2d", "linear")
 BN_MODES = ("eval", "train", "as_exported")
+# Reading re-estimates ‖A‖² with a short Lanczos run (a lower bound that converges from below)
+# and refuses a stored value outside [estimate · (1 − LOW), estimate · (1 + HIGH)].
+LIPSCHITZ_CHECK_LOW, LIPSCHITZ_CHECK_HIGH = 1e-3, 0.05
 
 
 class Bundle(NamedTuple):
@@ -278,4 +282,18 @@ def read_bundle(path) -> Bundle:
                          f"{meta['layer']['has_bias']})")
     bundle = Bundle(meta, arrays["weight"], arrays.get("bias"), arrays["zbar"])
     validate_bundle(bundle)
+    _check_lipschitz(bundle)
     return bundle
+
+
+def _check_lipschitz(bundle: Bundle) -> None:
+    """Refuse a stored ‖A‖² that the weights do not have: too small, the default step 1/L
+    diverges; too large, the solver crawls. A stored value above the estimate is given the
+    wider margin because a short Lanczos run may still be below ‖A‖²."""
+    op = build_operator(bundle)
+    estimate = op.lipschitz(rtol=1e-4, max_steps=128)
+    stored = bundle.meta["lipschitz"]
+    if not estimate * (1 - LIPSCHITZ_CHECK_LOW) <= stored <= estimate * (1 + LIPSCHITZ_CHECK_HIGH):
+        raise ValueError(f"head.json field 'lipschitz' is {stored:.6g} but the weights give "
+                         f"||A||^2 = {estimate:.6g} (Lanczos): the bundle's weights or its "
+                         "lipschitz field were changed; convert the generator again")

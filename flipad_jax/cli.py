@@ -9,6 +9,9 @@ Subcommands:
 * ``flipad score``: scores and verdicts of any number of images, streamed to CSV or JSONL,
   resumable after a kill (:mod:`flipad_jax.scoring`).
 * ``flipad evaluate``: accuracy at each fitted fnr and AUC against other sources, as a table.
+* ``flipad explain`` (and ``flipad score --report``): a per-image evidence report;
+  ``flipad verify`` recomputes one and says whether each record matches
+  (:mod:`flipad_jax.evidence`).
 
 Every refused input prints ``flipad <command>: error: ...`` naming the file or value and what
 was expected, and exits with status 1; a usage error exits with 2 (argparse's convention), an
@@ -350,8 +353,12 @@ def _add_score_parser(subparsers):
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="score part K (from 0) of N contiguous parts of the sorted inputs")
+    p.add_argument("--report", metavar="DIR",
+                   help="also write an evidence report of these inputs to the new folder DIR "
+                        "(scores them once more; see `flipad explain`)")
     _add_perturb_flags(p)
-    add_output_flags(p, "replace an existing OUT (and discard another run's OUT.partial)")
+    add_output_flags(p, "replace an existing OUT and --report DIR (and discard another run's "
+                        "OUT.partial)")
     p.set_defaults(func=_run_score)
     return p
 
@@ -360,12 +367,18 @@ def _run_score(args) -> int:
     from pathlib import Path
 
     from flipad_jax import scoring
+    from flipad_jax._files import check_new_path
     from flipad_jax.images import list_images
 
     out = scoring.check_output(args.out, overwrite=args.overwrite)
     k, n = scoring.parse_shard(args.shard)
     refs = scoring.shard(list_images(args.inputs), k, n)
     detector, pixels = _load_detector(args.detector, args.bundle, args.generator)
+    if args.report is not None:  # refused before scoring, not after
+        from flipad_jax.evidence import check_detector
+
+        check_new_path(args.report, overwrite=args.overwrite)
+        check_detector(detector)
     sidecar = dict(detector=str(Path(args.detector).absolute()),
                    detector_sha256=scoring.detector_digest(args.detector), shard=f"{k}/{n}")
     path, resumed = scoring.write_scores(detector, refs, out, sidecar=sidecar,
@@ -374,7 +387,89 @@ def _run_score(args) -> int:
                                          perturbation=args.perturb, seed=args.perturb_seed)
     print(f"wrote {path} ({len(refs)} rows" + (f", {resumed} of them resumed from an earlier run"
                                                if resumed else "") + ")")
+    if args.report is not None:
+        _write_report(args, detector, refs)
     return 0
+
+
+# -- explain / verify: evidence reports (flipad_jax.evidence) ------------------------------------
+
+EXPLAIN_EXAMPLES = """\
+examples:
+  flipad explain detectors/dcgan-flipad suspect.png --bundle bundles/dcgan --report evidence/
+  flipad verify evidence/
+"""
+
+
+def _add_explain_parser(subparsers):
+    p = subparser(
+        subparsers, "explain", EXPLAIN_EXAMPLES,
+        help="an evidence report: per image a checkable JSON record and one HTML page",
+        description="Score images and write, per image, a JSON record a third party can check "
+                    "with `flipad verify` (hashes of the image, bundle and detector, settings, "
+                    "score, p-value, verdicts, the lasso's certificate, versions, command) and "
+                    "one self-contained HTML page showing why.")
+    p.add_argument("detector", help="detector folder written by `flipad fit`")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help=SRC_HELP)
+    p.add_argument("--report", required=True, metavar="DIR", help="new report folder")
+    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
+    _add_perturb_flags(p)
+    add_output_flags(p, "replace an existing --report DIR")
+    p.set_defaults(func=_run_explain)
+    return p
+
+
+def _write_report(args, detector, refs):
+    from flipad_jax.evidence import write_report
+
+    path, records = write_report(args.report, detector, refs, detector_path=args.detector,
+                                 bundle_path=args.bundle, batch_size=args.batch_size,
+                                 perturbation=args.perturb, seed=args.perturb_seed,
+                                 overwrite=args.overwrite, command=args.argv,
+                                 progress=not args.quiet)
+    print(f"wrote {path} ({len(records)} records and index.html)")
+    return records
+
+
+def _run_explain(args) -> int:
+    from flipad_jax._files import check_new_path
+    from flipad_jax.images import list_images
+
+    check_new_path(args.report, overwrite=args.overwrite)
+    detector, _ = _load_detector(args.detector, args.bundle)
+    for rec in _write_report(args, detector, list_images(args.inputs)):
+        verdicts = ", ".join(f"fnr {d['fnr']:g}: {'G' if d['made_by_g'] else 'not G'}"
+                             for d in rec["decisions"])
+        print(f"  {rec['image']['name']}: score {rec['score']:.6g}, p {rec['p_value']:.4g} "
+              f"({verdicts})")
+    return 0
+
+
+def _add_verify_parser(subparsers):
+    p = subparser(
+        subparsers, "verify", EXPLAIN_EXAMPLES,
+        help="recompute an evidence report from its inputs and say whether each record matches",
+        description="Recompute every record of REPORT_DIR from the image, bundle and detector "
+                    "paths it names and compare. Exit status 0: every record matches; 1: some "
+                    "differ (listed) or cannot be recomputed.")
+    p.add_argument("report", metavar="REPORT_DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_verify)
+    return p
+
+
+def _run_verify(args) -> int:
+    from flipad_jax.evidence import verify
+
+    checks = verify(args.report, progress=not args.quiet)
+    for check in checks:
+        print(f"{'match' if check.ok else 'DIFFERS'}  {check.name}")
+        for line in check.differences + [f"note: {n}" for n in check.notes]:
+            print(f"    {line}")
+    bad = sum(not c.ok for c in checks)
+    print(f"{len(checks) - bad} of {len(checks)} records match")
+    return 1 if bad else 0
 
 
 # -- evaluate ------------------------------------------------------------------------------------
@@ -470,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for entry in sorted(entry_points(group="flipad.subcommands"), key=lambda e: e.name):
         entry.load()(subparsers)
-    for add in (_add_invert_parser, _add_fit_parser, _add_score_parser, _add_evaluate_parser):
+    for add in (_add_invert_parser, _add_fit_parser, _add_score_parser, _add_evaluate_parser,
+                _add_explain_parser, _add_verify_parser):
         add(subparsers)
     return parser
 
@@ -480,6 +576,7 @@ def main(argv=None) -> int:
     names the value and what was expected), 2 usage error (argparse's convention), 3 an
     unexpected error, which is a bug (its traceback with ``--verbose``)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv) if argv is None else ["flipad", *argv]  # recorded in evidence
     try:
         return args.func(args)
     except (ValueError, OSError) as error:

@@ -41,6 +41,7 @@ from flax import linen as nn
 from tqdm.auto import tqdm
 
 from flipad_jax._checks import check_finite, check_floating, check_int
+from flipad_jax._optax import standard_promotion
 from flipad_jax.sharding import map_batches
 
 DIST_EPS = 1e-6  # added to d before the power ỹ (the reference's ``eps``)
@@ -103,34 +104,70 @@ def lr_schedule(lr: float, steps_per_epoch: int, milestones: Sequence[int] = (25
 def adam_l2(schedule, weight_decay: float = 5e-7, b1: float = 0.9, b2: float = 0.999,
             eps: float = 1e-8) -> optax.GradientTransformation:
     """``torch.optim.Adam(weight_decay=wd)``: the decay wd·θ joins the gradient before Adam."""
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                       optax.scale_by_schedule(lambda count: -schedule(count)))
+    return standard_promotion(optax.chain(
+        optax.add_decayed_weights(weight_decay), optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.scale_by_schedule(lambda count: -schedule(count))))
 
 
-@functools.partial(jax.jit, static_argnames=("net",))
+# XLA:CPU runs the convolutions of an eval-mode forward ~20% faster through Eigen than through
+# its default library (YNNPACK, jax 0.10); the train step is the same either way (both measured
+# in benchmarks/README.md). An XLA option that older or newer releases may not know.
+_EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+# Rows per eval-mode call on a CPU: a 1024-row batch's activations (134 MB for lenet_cifar10's
+# first block) overflow the cache, 128 rows' stay in it.
+CPU_EVAL_ROWS = 128
+
+
+@functools.lru_cache(maxsize=1)
+def _eval_compiler_options() -> dict:
+    """:data:`_EIGEN_CONVOLUTIONS` on a CPU backend whose XLA accepts it, else ``{}``."""
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(jnp.negative, compiler_options=_EIGEN_CONVOLUTIONS).lower(jnp.zeros(1)).compile()
+    except (RuntimeError, TypeError):  # an XLA without the option, or a jax.jit without the kwarg
+        return {}
+    return _EIGEN_CONVOLUTIONS
+
+
 def _embed(net, variables, x):
     return net.apply(variables, x, train=False)
 
 
-@functools.partial(jax.jit, static_argnames=("net",))
 def _score(net, model, x):
     z = net.apply(model.variables, x, train=False)
-    return jnp.sum(jnp.square(z - model.center), axis=-1)
+    return jnp.sum(jnp.square(z - model.center[None]), axis=-1)
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_jit(fn):
+    options = _eval_compiler_options()
+    return jax.jit(fn, static_argnums=0, **({"compiler_options": options} if options else {}))
+
+
+def _in_chunks(fn, xb):
+    """``fn(xb)``, on a CPU in row chunks of :data:`CPU_EVAL_ROWS` (rows are independent)."""
+    if jax.default_backend() != "cpu" or xb.shape[0] <= CPU_EVAL_ROWS:
+        return fn(xb)
+    return jnp.concatenate([fn(xb[i:i + CPU_EVAL_ROWS])
+                            for i in range(0, xb.shape[0], CPU_EVAL_ROWS)])
 
 
 def embed(net: nn.Module, variables, x, *, batch_size: int = 1024, progress: bool = False):
     """φ(x) in eval mode: ``(n, *in_shape)`` → ``(n, rep_dim)`` numpy float32, batched."""
-    return map_batches(lambda xb: _embed(net, variables, xb), x, batch_size,
-                       progress=progress, desc="embed")
+    fn = functools.partial(_eval_jit(_embed), net, variables)
+    return map_batches(lambda xb: _in_chunks(fn, xb), x, batch_size, progress=progress,
+                       desc="embed")
 
 
 def score(net: nn.Module, model: DeepSADModel, x, *, batch_size: int = 1024,
           progress: bool = False):
     """s(x) = ‖φ(x) − c‖² in eval mode: ``(n, *in_shape)`` → ``(n,)`` numpy float32, batched,
     jit-compiled, sharded over the local devices when there are several."""
-    return map_batches(lambda xb: _score(net, model, xb), x, batch_size,
-                       progress=progress, desc="score")
+    fn = functools.partial(_eval_jit(_score), net, model)
+    return map_batches(lambda xb: _in_chunks(fn, xb), x, batch_size, progress=progress,
+                       desc="score")
 
 
 def init_center(net: nn.Module, variables, x, *, eps: float = 0.1, batch_size: int = 1024):
@@ -226,7 +263,8 @@ def _trainer(net, eta, n_batches, lr, milestones, gamma, weight_decay):
     tx = adam_l2(schedule, weight_decay)
 
     # A Python loop over this step, not a lax.scan: XLA:CPU runs convolutions inside a while
-    # loop ~40x slower than as top-level ops (measured here, jax 0.10).
+    # loop far slower than as top-level ops (re-measured on jax 0.10.2: 2 steps 83 s against
+    # 1.1 s unrolled). Unrolling k steps in one jit did not pay for its compile time either.
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def step(params, batch_stats, opt_state, center, x, y, idx):
         xb, yb = x[idx], y[idx]  # gather on the device: the training set is never copied
@@ -234,7 +272,7 @@ def _trainer(net, eta, n_batches, lr, milestones, gamma, weight_decay):
         def loss_fn(p):
             z, updates = net.apply({"params": p, "batch_stats": batch_stats}, xb, train=True,
                                    mutable=["batch_stats"])
-            dist = jnp.sum(jnp.square(z - center), axis=-1)
+            dist = jnp.sum(jnp.square(z - center[None]), axis=-1)
             return deepsad_loss(dist, yb, eta), updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -32,7 +32,7 @@ import numpy as np
 
 from flipad_jax._checks import check_floating
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel, fit_deepsad, score as deepsad_score
-from flipad_jax.features import FeatureConfig, Standardizer, top_channels
+from flipad_jax.features import FeatureConfig, Standardizer, max_pool_to, top_channels
 from flipad_jax.metrics import (check_fnr, made_by_g, min_validation_samples, p_values,
                                 threshold)
 from flipad_jax.prnu import fingerprint as prnu_fingerprint, sm_f_scores
@@ -142,6 +142,17 @@ class Detector:
         expects (FLIPAD: the pooled inverted activations)."""
         return np.array(self.feature_config.extract(x, self.head, progress=self.progress),
                         np.float32)
+
+    def features_and_inversion(self, x):
+        """``(features(x), inversion)``: for FLIPAD also the
+        :class:`~flipad_jax.head.InversionResult` of the same solve (unpooled z, the lasso's
+        certificate, clipped pixels), so evidence needs no second solve; None for other kinds."""
+        fc = self.feature_config
+        if fc.kind != "flipad":
+            return self.features(x), None
+        res = self.head.invert_batches(x, fc.lam, batch_size=fc.invert_batch_size,
+                                       progress=self.progress, options=fc.lasso)
+        return np.array(max_pool_to(res.z, fc.pool_to), np.float32), res
 
     def _inputs(self, name: str, x, precomputed: bool, *, fitting: bool = False):
         """Features of ``x`` checked for dtype, finiteness and shape; numpy float32."""

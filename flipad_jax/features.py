@@ -164,7 +164,7 @@ class Standardizer(NamedTuple):
                    jnp.asarray(x.std(axis=0, ddof=1), jnp.float32), float(eps))
 
     def __call__(self, x):
-        return (jnp.asarray(x, jnp.float32) - self.mean) / (self.std + self.eps)
+        return (jnp.asarray(x, jnp.float32) - self.mean[None]) / (self.std + self.eps)[None]
 
 
 def top_channels(x_inliers, x_outliers, k: int):

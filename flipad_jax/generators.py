@@ -72,6 +72,19 @@ def _ints(value, field: str, *, length=None, minimum=0) -> list:
     return value
 
 
+def _per_channel(v, x):
+    """A ``(C,)`` array shaped to broadcast against the channel-last batch ``x``."""
+    return v.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def _run_layer(layer, x):
+    """One layer of the chain on a channel-last batch (a linear layer with its bias)."""
+    if isinstance(layer, (Linear, Conv2d, ConvTranspose2d)):
+        x = layer.apply(x)
+        return x if layer.bias is None else x + _per_channel(layer.bias, x)
+    return layer(x)
+
+
 @jax.tree_util.register_pytree_node_class
 class BatchNorm2d:
     """Eval-mode ``torch.nn.BatchNorm2d``: γ (x − running_mean) / sqrt(running_var + eps) + β,
@@ -84,7 +97,8 @@ class BatchNorm2d:
 
     def __call__(self, x):
         scale = self.weight / jnp.sqrt(self.running_var + self.eps)
-        return (x - self.running_mean) * scale + self.bias
+        return (x - _per_channel(self.running_mean, x)) * _per_channel(scale, x) + \
+            _per_channel(self.bias, x)
 
     def tree_flatten(self):
         return (self.weight, self.bias, self.running_mean, self.running_var), (self.eps,)
@@ -167,11 +181,7 @@ class Generator:
         """G(z): latents ``(B, *latent_shape)`` → images ``(B, *out_shape)``, z's dtype."""
         x = jnp.moveaxis(z, 1, -1) if z.ndim == 4 else z  # image-shaped latents: channel-last
         for layer in self.layers:
-            if isinstance(layer, (Linear, Conv2d, ConvTranspose2d)):
-                x = layer.apply(x)  # channel-last, so the bias broadcasts over the last axis
-                x = x if layer.bias is None else x + layer.bias
-            else:
-                x = layer(x)
+            x = _run_layer(layer, x)
         return jnp.moveaxis(x, -1, 1) if x.ndim == 4 else x
 
     def check_latents(self, name: str, z):
@@ -211,8 +221,9 @@ class Generator:
         return from_arrays(meta, arrays, dtype=dtype, precision=precision)
 
 
-def _layer(spec, i: int, arrays: dict, used: set, dtype, precision):
-    """One layer of the chain from its JSON entry and its arrays."""
+def _layer(spec, i: int, arrays: dict, used: set, dtype, precision, in_shape: tuple):
+    """One layer of the chain from its JSON entry and its arrays; ``in_shape`` is the
+    per-sample channel-last shape reaching it (a convolution needs its input size)."""
     field = f"layers[{i}]"
     if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
         got = spec.get("type") if isinstance(spec, dict) else spec
@@ -239,7 +250,11 @@ def _layer(spec, i: int, arrays: dict, used: set, dtype, precision):
             geometry["output_padding"] = _ints(spec.get("output_padding"),
                                                f"{field}.output_padding", length=2)
         groups = _ints([spec.get("groups")], f"{field}.groups", minimum=1)[0]
+        if len(in_shape) != 3:
+            raise ValueError(f"{META_FILE}: {field} ({kind}) takes images, but its input has "
+                             f"per-sample shape {list(in_shape)} (channel-last)")
         return _LINEAR_TYPES[kind](array("weight"), bias, groups=groups, precision=precision,
+                                   in_size=in_shape[:2],
                                    **{k: tuple(v) for k, v in geometry.items()})
     if kind == "batch_norm2d":
         eps = spec.get("eps")
@@ -293,8 +308,16 @@ def from_arrays(meta: dict, arrays: dict, *, dtype=np.float32,
     if not np.issubdtype(dtype, np.floating):
         raise ValueError(f"dtype={dtype}: expected a floating dtype (float32 or float64)")
     used: set = set()
-    layers = tuple(_layer(spec, i, arrays, used, dtype, precision)
-                   for i, spec in enumerate(layers_meta))
+    layers = []
+    shape = latent_shape[1:] + latent_shape[:1] if len(latent_shape) == 3 else latent_shape
+    for i, spec in enumerate(layers_meta):  # the shape is threaded through for the convolutions
+        layers.append(_layer(spec, i, arrays, used, dtype, precision, shape))
+        try:
+            shape = jax.eval_shape(lambda x: _run_layer(layers[-1], x),
+                                   jax.ShapeDtypeStruct((1,) + shape, dtype)).shape[1:]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{META_FILE}: the layer chain does not run on latents of shape "
+                             f"{list(latent_shape)} (layers[{i}]: {e})") from None
     if set(arrays) != used:
         raise ValueError(f"{WEIGHTS_FILE} holds arrays no layer uses: "
                          f"{sorted(set(arrays) - used)}")

@@ -129,7 +129,7 @@ class Head:
         z = check_batch("z", z, self.in_shape, "the head's input")
         return _forward(self.op, jnp.asarray(z, self.op.dtype), activation=self.activation.name)
 
-    def target(self, x, *, x_range=None, clip: float = DEFAULT_CLIP,
+    def target(self, x, *, x_range=None, clip: Optional[float] = None,
                return_clipped: bool = False):
         """o = σ⁻¹(x): the pre-activation outputs the images ask for.
 
@@ -139,7 +139,9 @@ class Head:
             ``output_range`` first (e.g. ``(0, 255)`` for 8-bit pixels); default: x is already
             in the output range.
           clip: values are clipped to ``[low + clip, high − clip]`` of σ's range before σ⁻¹
-            (tanh and sigmoid); the reference's 1e-4 by default.
+            (tanh and sigmoid); None: the reference's 1e-4, and floating x outside the output
+            range is refused unless ``x_range`` is given (clipping 0–255 floats for a tanh head
+            would hide a wrong scale). Pass ``clip`` to clip such values on purpose.
           return_clipped: also return the ``(B,)`` int32 count of clipped values per image.
 
         Returns:
@@ -156,7 +158,13 @@ class Head:
             x = x.astype(self.op.dtype)
         x = check_batch("x", x, self.out_shape, "images of the head's output shape")
         check_finite("x", x)
-        clip = check_clip(clip)
+        if clip is None and x_range is None and self.output_range is not None:
+            low, high = float(jnp.min(x)), float(jnp.max(x))
+            if low < self.output_range[0] or high > self.output_range[1]:
+                raise ValueError(f"x spans [{low:.6g}, {high:.6g}]: expected the head's output "
+                                 f"range {self.output_range}; pass x_range=(low, high) for the "
+                                 "scale x is in (e.g. (0, 255)), or clip= to clip it on purpose")
+        clip = check_clip(DEFAULT_CLIP if clip is None else clip)
         scale, shift = 1.0, 0.0
         if x_range is not None:
             if self.output_range is None:
@@ -172,7 +180,7 @@ class Head:
                              activation=self.activation.name)
         return (o, clipped) if return_clipped else o
 
-    def invert(self, x, lam=DEFAULT_LAM, *, x_range=None, clip: float = DEFAULT_CLIP,
+    def invert(self, x, lam=DEFAULT_LAM, *, x_range=None, clip: Optional[float] = None,
                **solver_kwargs) -> InversionResult:
         """FLIPAD features of images: ``solve_lasso(op, target(x), lam, anchor=zbar)``.
 
@@ -199,8 +207,8 @@ class Head:
         return InversionResult(solve_lasso(self.op, o, lam, anchor=self.zbar, **solver_kwargs),
                                clipped)
 
-    def invert_batches(self, x, lam=DEFAULT_LAM, *, batch_size: int = 1000, progress: bool = False,
-                       **invert_kwargs) -> InversionResult:
+    def invert_batches(self, x, lam=DEFAULT_LAM, *, batch_size: int = 1000,
+                       progress: bool = False, **invert_kwargs) -> InversionResult:
         """:meth:`invert` over a data set in batches, each sharded over the local devices.
 
         Bounds device memory (the solver keeps several arrays of the activations' size per

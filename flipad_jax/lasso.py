@@ -37,8 +37,9 @@ Stopping rules (``stop=``), each checked after every iteration:
   whose λ is at rounding level (λ ≤ ε · ‖Aᵀr‖∞, ‖Aᵀr‖∞ being the λ above which δ = 0 is
   optimal) may also stop on the KKT residual: ‖∇f(y)‖∞ ≤ tol · ‖Aᵀr‖∞.
   The certificate is pessimistic on these high-dimensional problems: on the DCGAN layer
-  (float32, CPU) stopping at a certified relative gap of 1e-3 took about 1400 iterations, and
-  the true relative suboptimality there was 9e-7.
+  (float32, CPU) stopping at a certified relative gap of 1e-3 took up to 2155 iterations (mean
+  1676, batch of 16; ``benchmarks/results/solver_cpu.json``), while the true relative
+  suboptimality there was about 1e-6 (``benchmarks/README.md``).
   Default ``tol``: 1e-3 in float32, 1e-6 in float64. float32's gap is accurate to about 5e-5
   relative on the DCGAN layer on CPU, and GPUs run float32 convolutions in TF32 by default
   (``precision=None``), whose rounding (about 1e-3 relative) bounds what can be certified.
@@ -59,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -67,7 +69,7 @@ import numpy as np
 from jax import lax
 
 from flipad_jax._checks import check_batch, check_finite, check_floating, check_int
-from flipad_jax.operators import Linear, lipschitz_constant
+from flipad_jax.operators import Linear
 
 _STOP_RULES = ("gap", "change", "reference")
 _STARTS = ("anchor", "reference")
@@ -222,8 +224,8 @@ def _certificates(delta, residual, grad, lam):
     return objective, jnp.maximum(gap, 0), _per_sample_max(kkt_coord)
 
 
-@functools.partial(jax.jit, static_argnames=("in_shape", "restart", "stop"))
-def _fista(op, r, lam, delta0, step, tol, max_iter, *, in_shape, restart, stop):
+@functools.partial(jax.jit, static_argnames=("restart", "stop"))
+def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
     """The FISTA loop on internal-layout arrays; see the module docstring.
 
     Returns the solution (internal layout) and per-sample iterations, objective, gap, KKT
@@ -236,11 +238,11 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, in_shape, restart, stop):
 
     def residual_and_grad(z):
         residual = op.apply(z) - r
-        return residual, op.adjoint(residual, in_shape)
+        return residual, op.adjoint(residual)
 
     if stop == "gap":
         rounding = jnp.finfo(dtype).eps * 0.5 * _per_sample_sum(jnp.square(r))
-        grad_scale = _per_sample_max(jnp.abs(op.adjoint(r, in_shape)))
+        grad_scale = _per_sample_max(jnp.abs(op.adjoint(r)))
 
     def cond(s):
         return (s.k < max_iter) & jnp.any(s.active)
@@ -266,7 +268,7 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, in_shape, restart, stop):
             nonfinite = ~jnp.isfinite(objective)
             step_taken = s.active & ~done & ~nonfinite
         else:
-            change = _per_sample_sum(jnp.abs(delta - s.delta)) / np.prod(in_shape)
+            change = _per_sample_sum(jnp.abs(delta - s.delta)) / math.prod(op.in_shape)
             done = change <= tol
             if stop == "reference":
                 done = jnp.broadcast_to(jnp.max(change) <= tol, done.shape)
@@ -299,20 +301,6 @@ def _positive_number(name, value, *, allow_zero=False) -> float:
         raise ValueError(f"{name}={value!r}: expected a finite number "
                          f"{'>= 0' if allow_zero else '> 0'}")
     return number
-
-
-def _sample_shape_of(op, o, anchor, init):
-    """The per-sample input shape: from the operator, else the anchor or init, else o."""
-    try:
-        return tuple(op.in_shape)
-    except ValueError:
-        pass
-    if anchor is not None:
-        shape = tuple(np.shape(anchor))
-        return shape[1:] if len(shape) == np.ndim(o) else shape
-    if init is not None:
-        return tuple(np.shape(init)[1:])
-    return tuple(op._in_shape_of_output(o))
 
 
 def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOptions] = None,
@@ -350,9 +338,8 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
         raise ValueError(f"o has dtype {o.dtype} but the operator's weight is {op.dtype}: "
                          "expected the same floating dtype")
     tol = opts.tol_for(op, o.dtype)
-    in_shape = _sample_shape_of(op, o, anchor, init)
-    check_batch("o", o, op.out_shape_for(in_shape), "the operator's output for input "
-                    f"shape {in_shape}")
+    in_shape = op.in_shape
+    check_batch("o", o, op.out_shape, "the operator's output")
     check_finite("o", o)
     batch = o.shape[0]
 
@@ -392,14 +379,14 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
     step = opts.step
     if step is None:
         if lipschitz is None:
-            lipschitz = lipschitz_constant(op, in_shape)
+            lipschitz = op.lipschitz()
         lipschitz = _positive_number("lipschitz", lipschitz)
         step = 1.0 / (opts.lipschitz_margin * lipschitz)
 
     r = op.out_to_internal(o - op.affine(anchor))
     delta, iterations, objective, gap, kkt, status = _fista(
         op, r, lam, op.to_internal(delta0), step, tol, max_iter,
-        in_shape=in_shape, restart=restart, stop=stop)
+        restart=restart, stop=stop)
     z = op.from_internal(delta) + anchor
     return LassoResult(z=z, iterations=iterations, objective=objective, gap=gap, kkt=kkt,
                        status=status, lipschitz=lipschitz, step=float(step))

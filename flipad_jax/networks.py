@@ -43,6 +43,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
+from flipad_jax.nn_ops import batch_normalize, max_pool_2x2
+
 LEAKY_SLOPE = 0.01
 BN_EPS = 1e-4
 BN_MOMENTUM = 0.1  # PyTorch's convention: running = (1 − m)·running + m·batch
@@ -70,17 +72,16 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            var = jnp.mean(jnp.square(x - mean), axes)
+            y, mean, var = batch_normalize(x, self.epsilon)
             if not self.is_initializing():
                 n = x.size // features
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * lax.stop_gradient(mean)
                 ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(var) * (n / (n - 1))
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        return (x - mean) * lax.rsqrt(var + self.epsilon)
+            return y
+        per_channel = (1,) * (x.ndim - 1) + (features,)  # (C,) statistics against (..., C) x
+        return ((x - ra_mean.value.reshape(per_channel))
+                * lax.rsqrt(ra_var.value + self.epsilon).reshape(per_channel))
 
 
 def _leaky_relu(x):
@@ -137,7 +138,7 @@ class LeNet(nn.Module):
             x = nn.Conv(width, (5, 5), padding=2, use_bias=False,
                         kernel_init=_torch_default_init, name=f"conv{i}")(x)
             x = BatchNorm(name=f"bn{i}")(x, train)
-            x = nn.max_pool(_leaky_relu(x), (2, 2), strides=(2, 2))
+            x = max_pool_2x2(_leaky_relu(x))
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], self.widths[-1] * final * final)
         return nn.Dense(self.rep_dim, use_bias=False, kernel_init=_torch_default_init,
                         name="fc")(x)

@@ -6,8 +6,11 @@ Three operators mirror PyTorch's layers, built from weights in PyTorch layout:
 * :class:`ConvTranspose2d`  weight ``(C_in, C_out // groups, kh, kw)``
 * :class:`Linear`           weight ``(out, in)``
 
-Each is a pytree (weights are leaves, geometry is static), so it passes through ``jit``, ``vmap``
-and sharding. ``op(z)`` is the *linear* map only; the layer's bias is kept apart in ``op.bias``
+Each is a frozen dataclass registered as a pytree: the weight and bias are its leaves, the
+geometry (``in_size``, stride, padding, …, precision, layout) is static, so it passes through
+``jit``, ``vmap`` and sharding, and a jitted function of an operator compiles once per geometry.
+A convolution knows its input size (``in_size`` is required), hence ``in_shape`` and
+``out_shape``. ``op(z)`` is the *linear* map only; the layer's bias is kept apart in ``op.bias``
 (``op.affine(z)`` adds it). ``op.T(y)`` is the exact adjoint.
 
 Layout. The public arrays are channel-first, batch first, ``(B, C, H, W)``. Internally the
@@ -35,8 +38,9 @@ dilation ``s`` and padding ``d(k-1) - p`` — negative padding crops).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +53,31 @@ _PRECISIONS = {None: None, "default": lax.Precision.DEFAULT, "high": lax.Precisi
                "highest": lax.Precision.HIGHEST}
 
 
+def _static(**kwargs):
+    """A geometry field: part of the pytree's structure (so of jit's cache key), not a leaf."""
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+def _operator(cls):
+    """A frozen dataclass registered as a pytree: array fields are leaves, ``_static`` ones not.
+    Equality and hashing stay by identity (the fields hold arrays)."""
+    cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
+    return jax.tree_util.register_dataclass(cls)
+
+
+def _set(op, **fields):
+    """Normalised field values, written from ``__post_init__`` past the frozen dataclass."""
+    for name, value in fields.items():
+        object.__setattr__(op, name, value)
+
+
+def _is_data(x) -> bool:
+    """Whether ``x`` is an array (or tracer) to check. JAX also rebuilds operators through the
+    constructor from placeholders (abstract values when it traces outputs, sentinel leaves on
+    its error paths); those pass through as they are."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, list, tuple, int, float))
+
+
 def _check_precision(precision):
     if precision not in _PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {list(_PRECISIONS)}")
@@ -56,12 +85,14 @@ def _check_precision(precision):
 
 
 def _check_weight(weight, ndim: int):
+    """The weight as a JAX array of ``ndim`` dimensions, floating and (when concrete) finite."""
     check_floating("weight", weight)
     if jnp.ndim(weight) != ndim:
         raise ValueError(f"weight has shape {jnp.shape(weight)}: expected {ndim} dimensions "
                          "(PyTorch layout)")
     if not isinstance(weight, jax.core.Tracer):
         check_finite("weight", weight)
+    return jnp.asarray(weight)
 
 
 def _check_bias(bias, channels: int, dtype):
@@ -126,19 +157,18 @@ class _LinearOperator:
 
     def __call__(self, z):
         """A z: (B, *in_shape) → (B, *out_shape), without the bias."""
-        z = check_batch("z", z, self._in_shape_of_input(z), "the operator's input")
+        z = check_batch("z", z, self.in_shape, "the operator's input")
         return self.out_from_internal(self.apply(self.to_internal(z)))
 
     def affine(self, z):
         """A z + b, the layer's full output before its activation."""
         y = self(z)
-        return y if self.bias is None else y + self.bias.reshape((-1,) + (1,) * (y.ndim - 2))
+        return y if self.bias is None else y + self.bias.reshape((1, -1) + (1,) * (y.ndim - 2))
 
     def T(self, y):
         """Aᵀ y: (B, *out_shape) → (B, *in_shape), the exact adjoint of ``op(z)``."""
-        in_shape = self._in_shape_of_output(y)
-        y = check_batch("y", y, self.out_shape_for(in_shape), "the operator's output")
-        return self.from_internal(self.adjoint(self.out_to_internal(y), in_shape))
+        y = check_batch("y", y, self.out_shape, "the operator's output")
+        return self.from_internal(self.adjoint(self.out_to_internal(y)))
 
     def lipschitz(self, *, rtol: float = 1e-6, max_steps: int = 1024, key=None) -> float:
         """‖A‖₂² = λ_max(AᵀA), the Lipschitz constant of ∇½‖Az − o‖², by Lanczos iteration.
@@ -152,20 +182,19 @@ class _LinearOperator:
         the dense matrix's largest squared singular value after 32 steps on the same operator.
         The solver adds a safety margin on top (``solve_lasso(lipschitz_margin=...)``).
         """
-        return lipschitz_constant(self, self.in_shape, rtol=rtol, max_steps=max_steps, key=key)
+        if not 0 < rtol < 1:
+            raise ValueError(f"rtol={rtol!r}: expected 0 < rtol < 1")
+        key = jax.random.PRNGKey(0) if key is None else key
+        steps = min(32, max_steps)
+        while True:
+            tops = _top_ritz_values(*_lanczos(self, key, steps))
+            window = min(8, steps - 1)
+            if abs(tops[-1] - tops[-1 - window]) <= rtol * tops[-1] or steps >= max_steps:
+                return float(tops[-1])
+            steps = min(2 * steps, max_steps)
 
-    # Tree flattening: weights are children, geometry is static auxiliary data.
-    def tree_flatten(self):
-        return self._children(), self._static()
 
-    @classmethod
-    def tree_unflatten(cls, static, children):
-        op = object.__new__(cls)
-        op._restore(static, children)
-        return op
-
-
-@jax.tree_util.register_pytree_node_class
+@_operator
 class Linear(_LinearOperator):
     """y = z Wᵀ, as ``torch.nn.Linear`` without its bias; weight ``(out, in)``.
 
@@ -175,11 +204,16 @@ class Linear(_LinearOperator):
       precision: matmul precision ("highest" by default; "high", "default", or None).
     """
 
-    def __init__(self, weight, bias=None, *, precision="highest"):
-        _check_weight(weight, 2)
-        self.weight = jnp.asarray(weight)
-        self.bias = _check_bias(bias, self.weight.shape[0], self.weight.dtype)
-        self.precision = _check_precision(precision)
+    weight: jax.Array
+    bias: Optional[jax.Array] = None
+    _: dataclasses.KW_ONLY
+    precision: Optional[str] = _static(default="highest")
+
+    def __post_init__(self):
+        _set(self, precision=_check_precision(self.precision))
+        if _is_data(self.weight):
+            weight = _check_weight(self.weight, 2)
+            _set(self, weight=weight, bias=_check_bias(self.bias, weight.shape[0], weight.dtype))
 
     @property
     def in_shape(self):
@@ -189,87 +223,84 @@ class Linear(_LinearOperator):
     def out_shape(self):
         return (self.weight.shape[0],)
 
-    def out_shape_for(self, in_shape):
-        return self.out_shape
-
-    def _in_shape_of_input(self, z):
-        return self.in_shape
-
-    def _in_shape_of_output(self, y):
-        return self.in_shape
-
     def apply(self, z):
         return jnp.matmul(z, self.weight.T, precision=_PRECISIONS[self.precision])
 
-    def adjoint(self, y, in_shape=None):
+    def adjoint(self, y):
         return jnp.matmul(y, self.weight, precision=_PRECISIONS[self.precision])
-
-    def _children(self):
-        return (self.weight, self.bias)
-
-    def _static(self):
-        return (self.precision,)
-
-    def _restore(self, static, children):
-        self.weight, self.bias = children
-        (self.precision,) = static
 
     def __repr__(self):
         return f"Linear(in={self.in_shape[0]}, out={self.out_shape[0]}, bias={self.bias is not None})"
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class _Conv(_LinearOperator):
-    """Geometry shared by the two convolutions."""
+    """Geometry shared by the two convolutions (fields normalised to pairs on construction)."""
 
-    transposed: bool
+    weight: jax.Array
+    bias: Optional[jax.Array] = None
+    _: dataclasses.KW_ONLY
+    in_size: tuple[int, int] = _static()
+    stride: tuple[int, int] = _static(default=1)
+    padding: tuple[int, int] = _static(default=0)
+    dilation: tuple[int, int] = _static(default=1)
+    groups: int = _static(default=1)
+    precision: Optional[str] = _static(default="highest")
+    layout: str = _static(default="NHWC")
 
-    def __init__(self, weight, bias=None, *, stride=1, padding=0, output_padding=0, dilation=1,
-                 groups=1, in_size=None, precision="highest", layout="NHWC"):
-        _check_weight(weight, 4)
-        self.layout = _check_layout(layout)
-        weight = jnp.asarray(weight)
-        self.stride = as_pair("stride", stride, minimum=1)
-        self.padding = as_pair("padding", padding, minimum=0)
-        self.dilation = as_pair("dilation", dilation, minimum=1)
-        self.output_padding = as_pair("output_padding", output_padding, minimum=0)
+    transposed: ClassVar[bool]  # the subclasses also define output_padding
+
+    def __post_init__(self):
+        groups = self.groups
         if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
             raise ValueError(f"groups={groups!r}: expected a positive int")
-        self.groups = int(groups)
-        self.precision = _check_precision(precision)
-        self.in_size = None if in_size is None else as_pair("in_size", in_size, minimum=1)
-        # Channel bookkeeping in PyTorch's terms.
-        lead, per_group = weight.shape[0], weight.shape[1]
-        if lead % self.groups:
-            raise ValueError(f"groups={groups}: expected it to divide the weight's first dimension "
-                             f"{lead} (weight shape {weight.shape})")
+        _set(self, in_size=as_pair("in_size", self.in_size, minimum=1),
+             stride=as_pair("stride", self.stride, minimum=1),
+             padding=as_pair("padding", self.padding, minimum=0),
+             dilation=as_pair("dilation", self.dilation, minimum=1), groups=int(groups),
+             precision=_check_precision(self.precision), layout=_check_layout(self.layout))
         if self.transposed:
-            self.in_channels, self.out_channels = lead, per_group * self.groups
-            for i in range(2):
-                if self.output_padding[i] >= max(self.stride[i], self.dilation[i]):
-                    raise ValueError(
-                        f"output_padding={output_padding!r}: expected each value < "
-                        f"max(stride, dilation) = {max(self.stride[i], self.dilation[i])}")
-        else:
-            self.in_channels, self.out_channels = per_group * self.groups, lead
-            if self.output_padding != (0, 0):
-                raise ValueError(f"output_padding={output_padding!r}: Conv2d has none; expected 0")
-        self.kernel_size = tuple(weight.shape[2:])
-        self.weight = weight
-        self.bias = _check_bias(bias, self.out_channels, weight.dtype)
-        if self.in_size is not None:
-            self.out_shape_for(self.in_shape)  # validates that the geometry yields an output
+            output_padding = as_pair("output_padding", self.output_padding, minimum=0)
+            for s, d, e in zip(self.stride, self.dilation, output_padding):
+                if e >= max(s, d):
+                    raise ValueError(f"output_padding={self.output_padding!r}: expected each "
+                                     f"value < max(stride, dilation) = {max(s, d)}")
+            _set(self, output_padding=output_padding)
+        if not _is_data(self.weight):
+            return
+        weight = _check_weight(self.weight, 4)
+        if weight.shape[0] % self.groups:
+            raise ValueError(f"groups={groups}: expected it to divide the weight's first dimension "
+                             f"{weight.shape[0]} (weight shape {weight.shape})")
+        _set(self, weight=weight)  # before the bias: out_channels reads the stored weight
+        _set(self, bias=_check_bias(self.bias, self.out_channels, weight.dtype))
+        size = self.out_shape[1:]
+        if min(size) < 1:
+            raise ValueError(f"input spatial size {self.in_size} gives an empty output "
+                             f"{size} for kernel {self.kernel_size}, stride {self.stride}, "
+                             f"padding {self.padding}, dilation {self.dilation}")
 
-    # -- shapes ---------------------------------------------------------------------------------
+    # -- shapes (channels in PyTorch's terms) ---------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[0] if self.transposed else self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.groups if self.transposed else self.weight.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return tuple(self.weight.shape[2:])
+
     @property
     def in_shape(self):
-        if self.in_size is None:
-            raise ValueError(f"{type(self).__name__} was built without in_size: pass "
-                             "in_size=(H, W) of the input activation to know in_shape")
         return (self.in_channels,) + self.in_size
 
     @property
     def out_shape(self):
-        return self.out_shape_for(self.in_shape)
+        return (self.out_channels,) + tuple(self._size_out(n, i)
+                                            for i, n in enumerate(self.in_size))
 
     def _size_out(self, size_in, i):
         k, s, p, d = self.kernel_size[i], self.stride[i], self.padding[i], self.dilation[i]
@@ -277,56 +308,12 @@ class _Conv(_LinearOperator):
             return (size_in - 1) * s - 2 * p + d * (k - 1) + self.output_padding[i] + 1
         return (size_in + 2 * p - d * (k - 1) - 1) // s + 1
 
-    def out_shape_for(self, in_shape):
-        if len(in_shape) != 3 or in_shape[0] != self.in_channels:
-            raise ValueError(f"input shape {tuple(in_shape)}: expected ({self.in_channels}, H, W)")
-        size = tuple(self._size_out(in_shape[1 + i], i) for i in range(2))
-        if min(size) < 1:
-            raise ValueError(f"input spatial size {tuple(in_shape[1:])} gives an empty output "
-                             f"{size} for kernel {self.kernel_size}, stride {self.stride}, "
-                             f"padding {self.padding}, dilation {self.dilation}")
-        return (self.out_channels,) + size
-
-    def _in_shape_of_input(self, z):
-        if self.in_size is not None:
-            return self.in_shape
-        if jnp.ndim(z) != 4:
-            raise ValueError(f"z has shape {jnp.shape(z)}: expected (B, C, H, W)")
-        return (self.in_channels,) + tuple(jnp.shape(z)[2:])
-
-    def _in_shape_of_output(self, y):
-        """The input shape whose image has y's shape (unique, or from ``in_size``)."""
-        if self.in_size is not None:
-            return self.in_shape
-        if jnp.ndim(y) != 4:
-            raise ValueError(f"y has shape {jnp.shape(y)}: expected (B, C, H, W)")
-        size = []
-        for i, n_out in enumerate(jnp.shape(y)[2:]):
-            k, s, p, d = self.kernel_size[i], self.stride[i], self.padding[i], self.dilation[i]
-            if self.transposed:
-                num = n_out + 2 * p - d * (k - 1) - self.output_padding[i] - 1
-                n_in = num // s + 1 if num % s == 0 else 0
-            elif s == 1:
-                n_in = n_out - 2 * p + d * (k - 1)
-            else:
-                raise ValueError(f"{type(self).__name__} with stride {self.stride} and no in_size:"
-                                 " the input size of the adjoint is ambiguous; pass in_size=(H, W)")
-            if n_in < 1:
-                raise ValueError(f"y has spatial size {tuple(jnp.shape(y)[2:])}: no input size "
-                                 f"maps to it under this {type(self).__name__}")
-            size.append(n_in)
-        return (self.in_channels,) + tuple(size)
-
     # -- internal maps (in ``self.layout``) ------------------------------------------------------
     def to_internal(self, x):
         return jnp.moveaxis(x, -3, -1) if self.layout == "NHWC" else x
 
     def from_internal(self, x):
         return jnp.moveaxis(x, -1, -3) if self.layout == "NHWC" else x
-
-    def _spatial(self, x):
-        """(H, W) of an internal-layout batch."""
-        return x.shape[1:3] if self.layout == "NHWC" else x.shape[2:4]
 
     out_to_internal = to_internal
     out_from_internal = from_internal
@@ -354,20 +341,6 @@ class _Conv(_LinearOperator):
                           lhs_dilation=self.stride, rhs_dilation=self.dilation,
                           groups=self.groups, precision=self.precision)
 
-    def _children(self):
-        return (self.weight, self.bias)
-
-    def _static(self):
-        return (self.stride, self.padding, self.output_padding, self.dilation, self.groups,
-                self.in_size, self.precision, self.in_channels, self.out_channels,
-                self.kernel_size, self.layout)
-
-    def _restore(self, static, children):
-        self.weight, self.bias = children
-        (self.stride, self.padding, self.output_padding, self.dilation, self.groups,
-         self.in_size, self.precision, self.in_channels, self.out_channels,
-         self.kernel_size, self.layout) = static
-
     def __repr__(self):
         return (f"{type(self).__name__}({self.in_channels}→{self.out_channels}, "
                 f"kernel={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
@@ -375,40 +348,36 @@ class _Conv(_LinearOperator):
                 f"groups={self.groups}, in_size={self.in_size}, bias={self.bias is not None})")
 
 
-@jax.tree_util.register_pytree_node_class
+@_operator
 class Conv2d(_Conv):
     """``torch.nn.functional.conv2d`` as a linear operator; weight ``(C_out, C_in/groups, kh, kw)``.
 
     Args:
       weight: PyTorch-layout kernel. bias: optional ``(C_out,)``, kept apart from the map.
+      in_size: ``(H, W)`` of the input (required: a strided conv maps several input sizes to
+        one output size, so the adjoint needs it).
       stride, padding, dilation: ints or pairs, as PyTorch defines them. groups: int dividing
         both channel counts.
-      in_size: ``(H, W)`` of the input; needed for ``in_shape``, ``lipschitz`` and for the
-        adjoint of a strided conv (several input sizes share one output size).
       precision: convolution precision: "highest" (default, true float32), "high", "default",
         or None for the backend's default (TF32 on recent NVIDIA GPUs).
       layout: internal layout, "NHWC" (default, see the module docstring) or "NCHW".
     """
 
-    transposed = False
-
-    def __init__(self, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
-                 in_size=None, precision="highest", layout="NHWC"):
-        super().__init__(weight, bias, stride=stride, padding=padding, dilation=dilation,
-                         groups=groups, in_size=in_size, precision=precision, layout=layout)
+    transposed: ClassVar[bool] = False
+    output_padding: ClassVar[tuple[int, int]] = (0, 0)
 
     def apply(self, z):
         return self._direct(z)
 
-    def adjoint(self, y, in_shape):
+    def adjoint(self, y):
         # Rows of the input that no output reads (floor in the size formula) come back as zeros.
-        extra = [in_shape[1 + i] - ((n - 1) * self.stride[i] - 2 * self.padding[i]
-                                    + self.dilation[i] * (self.kernel_size[i] - 1) + 1)
-                 for i, n in enumerate(self._spatial(y))]
+        extra = [n_in - ((n - 1) * s - 2 * p + d * (k - 1) + 1) for n_in, n, s, p, d, k in
+                 zip(self.in_size, self.out_shape[1:], self.stride, self.padding, self.dilation,
+                     self.kernel_size)]
         return self._transposed(y, extra)
 
 
-@jax.tree_util.register_pytree_node_class
+@_operator
 class ConvTranspose2d(_Conv):
     """``torch.nn.functional.conv_transpose2d`` as a linear operator; weight
     ``(C_in, C_out/groups, kh, kw)``.
@@ -417,30 +386,30 @@ class ConvTranspose2d(_Conv):
       dilation)), the extra rows/cols PyTorch appends to the output.
     """
 
-    transposed = True
+    transposed: ClassVar[bool] = True
+    output_padding: tuple[int, int] = _static(default=0, kw_only=True)
 
     def apply(self, z):
         return self._transposed(z, self.output_padding)
 
-    def adjoint(self, y, in_shape):
+    def adjoint(self, y):
         # With output_padding ≥ stride (possible when dilation > stride) the conv yields more
         # rows than the input has; the extra ones are not part of the adjoint.
         x = self._direct(y)
-        if self.layout == "NHWC":
-            return x[:, :in_shape[1], :in_shape[2], :]
-        return x[:, :, :in_shape[1], :in_shape[2]]
+        h, w = self.in_size
+        return x[:, :h, :w, :] if self.layout == "NHWC" else x[:, :, :h, :w]
 
 
-@functools.partial(jax.jit, static_argnums=(1, 3))
-def _lanczos(op, in_shape, key, steps):
+@functools.partial(jax.jit, static_argnums=2)
+def _lanczos(op, key, steps):
     """``steps`` Lanczos steps on AᵀA from a Gaussian start: the tridiagonal's (α, β)."""
-    v = op.to_internal(jax.random.normal(key, (1,) + tuple(in_shape), op.dtype))
+    v = op.to_internal(jax.random.normal(key, (1,) + op.in_shape, op.dtype))
     v = v / jnp.linalg.norm(v)
     tiny = jnp.finfo(op.dtype).tiny
 
     def step(carry, _):
         v_prev, v, beta = carry
-        w = op.adjoint(op.apply(v), in_shape) - beta * v_prev
+        w = op.adjoint(op.apply(v)) - beta * v_prev
         alpha = jnp.vdot(v, w).real
         w = w - alpha * v
         beta = jnp.linalg.norm(w)
@@ -461,17 +430,3 @@ def _top_ritz_values(alphas, betas):
         tri = np.diag(alphas[:k]) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
         tops.append(np.linalg.eigvalsh(tri)[-1])
     return np.array(tops)
-
-
-def lipschitz_constant(op, in_shape, *, rtol=1e-6, max_steps=1024, key=None) -> float:
-    """λ_max(AᵀA) for inputs of ``in_shape`` by Lanczos; see ``_LinearOperator.lipschitz``."""
-    if not 0 < rtol < 1:
-        raise ValueError(f"rtol={rtol!r}: expected 0 < rtol < 1")
-    key = jax.random.PRNGKey(0) if key is None else key
-    steps = min(32, max_steps)
-    while True:
-        tops = _top_ritz_values(*_lanczos(op, tuple(in_shape), key, steps))
-        window = min(8, steps - 1)
-        if abs(tops[-1] - tops[-1 - window]) <= rtol * tops[-1] or steps >= max_steps:
-            return float(tops[-1])
-        steps = min(2 * steps, max_steps)

@@ -165,7 +165,8 @@ def _crop(x: np.ndarray, strength: int) -> np.ndarray:
     if h != w:
         raise ValueError(f"crop={strength}: expected square images, got H, W = {h}, {w}")
     side = crop_size(strength, h)
-    cropped = np.asarray(center_crop(x, side)).astype(np.uint8)
+    # center_crop takes decoded (float) images only; 0…255 are exact in float32
+    cropped = np.asarray(center_crop(x.astype(np.float32), side)).astype(np.uint8)
     out = np.empty_like(x)
     for i, img in _pil_images(cropped, f"crop={strength}"):
         out[i] = _from_pil(img.resize((w, h), Image.BILINEAR))

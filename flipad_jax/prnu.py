@@ -161,8 +161,8 @@ def _wiener_dft(x):
     h, w = x.shape[-2:]
     noise_var = jnp.var(x, axis=(-2, -1), ddof=1, keepdims=True)
     spectrum = jnp.fft.fft2(x)
-    gain = _wiener_gain(jnp.abs(spectrum) / np.sqrt(h * w), noise_var)
-    return jnp.real(jnp.fft.ifft2(spectrum * gain)).astype(jnp.float32)
+    gain = _wiener_gain(jnp.abs(spectrum) / float(np.sqrt(h * w)), noise_var)
+    return jnp.real(jnp.fft.ifft2(spectrum * gain.astype(spectrum.dtype))).astype(jnp.float32)
 
 
 @jax.jit

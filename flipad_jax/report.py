@@ -123,7 +123,13 @@ def _font():
 
 def feature_figure(path, zbar: np.ndarray, means: Mapping[str, np.ndarray],
                    channels: Sequence[int], *, title: str = "", cell: int = 96) -> Path:
-    """The paper's Fig. 4 as a PNG grid.
+    """The paper's Fig. 4 as a PNG grid (:func:`feature_image` saved to ``path``)."""
+    return save_png(feature_image(zbar, means, channels, title=title, cell=cell), path)
+
+
+def feature_image(zbar: np.ndarray, means: Mapping[str, np.ndarray], channels: Sequence[int],
+                  *, title: str = "", cell: int = 96):
+    """The paper's Fig. 4 as a Pillow image.
 
     Args:
       zbar: ``(C, H, W)`` mean activation of G before its last layer (same pooling as means).
@@ -154,7 +160,7 @@ def feature_figure(path, zbar: np.ndarray, means: Mapping[str, np.ndarray],
             tile = Image.fromarray(colorize(panel, low, high)).resize((cell, cell),
                                                                       Image.NEAREST)
             img.paste(tile, (label_w + j * (cell + pad), y))
-    return save_png(img, path)
+    return img
 
 
 def histogram_figure(path, scores: Mapping[str, np.ndarray], thresholds: Mapping[float, float],

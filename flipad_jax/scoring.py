@@ -119,7 +119,8 @@ def check_output(out, *, overwrite: bool = False) -> Path:
 
 def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
                  output_range=(-1.0, 1.0), batch_size: int = 256, overwrite: bool = False,
-                 progress: bool = False, perturbation=None, seed: int = 0) -> Path:
+                 progress: bool = False, perturbation=None, seed: int = 0
+                 ) -> tuple[Path, int]:
     """Score ``refs`` with ``detector`` into ``out`` (.csv or .jsonl), resumably (module doc).
 
     Args:

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from flipad_jax._checks import check_finite, check_floating, check_int
 from flipad_jax._files import atomic_dir, check_new_path
+from flipad_jax._optax import standard_promotion
 from flipad_jax.detector import DEFAULT_FNRS, check_fnrs
 from flipad_jax.generators import Generator
 from flipad_jax.metrics import (check_fnr, made_by_g, min_validation_samples, p_values,
@@ -99,11 +100,11 @@ def _distances(generator, features, z, target):
     out = generator(z)
     out = out if features is None else features(out)
     out = out.reshape((-1,) + target.shape)
-    return jnp.mean(jnp.square(out - target), axis=-1)
+    return jnp.mean(jnp.square(out - target[None]), axis=-1)
 
 
 def _adam(lr):
-    return optax.adam(lr)  # PyTorch's Adam defaults: betas (0.9, 0.999), eps 1e-8
+    return standard_promotion(optax.adam(lr))  # PyTorch's defaults: betas (0.9, 0.999), eps 1e-8
 
 
 def _target(images, features):

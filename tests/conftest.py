@@ -1,7 +1,12 @@
 """Shared test configuration.
 
 Float64 tests run inside ``jax.enable_x64`` through the ``x64`` fixture rather than a global
-switch, so the float32 default of the package is what the other tests exercise.
+switch, so the float32 default of the package is what the other tests exercise. As in lineax,
+dtype promotion is strict and rank promotion raises, so every mixed-dtype operation and every
+broadcast between arrays of different rank in the package is written out.
+
+In CI (``$CI`` set, as ``.ci/run`` does) a skipped test fails the session: a skip there means an
+install regression (torch, scikit-learn or the Fashion-MNIST package missing), not a choice.
 """
 
 import os
@@ -9,6 +14,9 @@ import os
 import jax
 import pytest
 from hypothesis import settings
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # CI draws the same examples on every run (derandomised), so a red build is reproducible;
 # locally hypothesis explores new examples each run.
@@ -21,3 +29,15 @@ if os.environ.get("CI"):
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not os.environ.get("CI") or exitstatus != pytest.ExitCode.OK:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        names = ", ".join(report.nodeid for report in skipped[:5])
+        reporter.write_line(f"CI: {len(skipped)} test(s) skipped ({names}); in CI every test "
+                            "must run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -21,10 +21,10 @@ def test_center_is_mean_initial_embedding_in_eval_mode():
     x = jax.random.normal(jax.random.key(3), (37, 4)) + 2.0
     v = net.init(jax.random.key(0), x[:1])
     c = init_center(net, v, x, batch_size=10)  # several batches, the last one partial
+    # The mean over all 37 in one eval-mode pass; the push off zero is the rule checked by hand
+    # in test_push_from_zero_hand_example.
     z = np.asarray(net.apply(v, x, train=False), np.float64).mean(axis=0)
-    expected = np.where(np.abs(z) < 0.1, np.sign(z) * 0.1, z)
-    np.testing.assert_allclose(c, expected, rtol=1e-5)
-    assert np.all(np.abs(c) >= 0.1)  # data-derived and off zero
+    np.testing.assert_allclose(c, push_from_zero(jnp.asarray(z, jnp.float32), 0.1), rtol=1e-5)
 
 
 def test_loss_hand_computed():
@@ -146,3 +146,16 @@ def test_repeated_milestone_applies_gamma_twice_like_torch():
         np.testing.assert_allclose(float(ours(epoch)), opt.param_groups[0]["lr"], rtol=1e-6)
         opt.step()
         sched.step()
+
+
+def test_score_in_cpu_chunks_equals_one_forward():
+    """Scoring splits large batches into row chunks on a CPU; the scores are those of one
+    eval-mode forward over all rows."""
+    from flipad_jax.deepsad import CPU_EVAL_ROWS, DeepSADModel
+    net = build_network("lenet_cifar10", in_channels=2, input_size=8, widths=(4, 3), rep_dim=5)
+    x = np.asarray(jax.random.normal(jax.random.key(4), (2 * CPU_EVAL_ROWS + 37, 2, 8, 8)))
+    v = net.init(jax.random.key(0), x[:1])
+    model = DeepSADModel(v, jnp.full((5,), 0.3))
+    z = np.asarray(net.apply(v, x, train=False), np.float64)
+    expected = np.sum(np.square(z - 0.3), axis=-1)
+    np.testing.assert_allclose(score(net, model, x, batch_size=1024), expected, rtol=1e-5)

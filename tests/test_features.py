@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
 import flipad_jax as fj
 from flipad_jax.features import (FeatureConfig, Standardizer, center_crop, dct_features,
@@ -20,16 +19,19 @@ def test_dct_equals_scipy_type2_unnormalised():
     np.testing.assert_allclose(dct_features(x, crop=32), expected, rtol=2e-4, atol=2e-4)
 
 
-@settings(max_examples=20, deadline=None)
-@given(h=st.integers(1, 40), size=st.integers(1, 40))
-def test_center_crop_offsets(h, size):
-    if size > h:
-        with pytest.raises(ValueError, match="crop="):
-            center_crop(np.zeros((1, 1, h, h), np.float32), size)
-        return
-    x = np.arange(h * h, dtype=np.float32).reshape(1, 1, h, h)
-    top = int(round((h - size) / 2.0))
-    np.testing.assert_array_equal(center_crop(x, size), x[:, :, top:top + size, top:top + size])
+# (h, w, size, top, left) as torchvision's center_crop places the window: offset (h − size)/2
+# rounded half to even (Python's round), so 0.5 → 0, 1.5 → 2, 2.5 → 2.
+@pytest.mark.parametrize("h, w, size, top, left", [
+    (64, 64, 32, 16, 16), (32, 32, 32, 0, 0), (33, 34, 32, 0, 1), (35, 37, 32, 2, 2),
+    (36, 39, 32, 2, 4), (5, 4, 2, 2, 1), (4, 7, 1, 2, 3), (28, 29, 27, 0, 1)])
+def test_center_crop_window_as_torchvision_places_it(h, w, size, top, left):
+    x = np.arange(h * w, dtype=np.float32).reshape(1, 1, h, w)
+    np.testing.assert_array_equal(center_crop(x, size), x[:, :, top:top + size, left:left + size])
+
+
+def test_center_crop_larger_than_the_image_is_refused():
+    with pytest.raises(ValueError, match=r"crop=33: expected at most the image size \(32, 40\)"):
+        center_crop(np.zeros((1, 1, 32, 40), np.float32), 33)
 
 
 @pytest.mark.torch
@@ -47,10 +49,15 @@ def test_raw_features_subsample_every_other_pixel():
     np.testing.assert_array_equal(raw_features(x[:, :, :32, :32], 32), x[:, :, :32, :32])
 
 
+@pytest.mark.torch
 def test_max_pool_to():
-    z = np.random.default_rng(3).normal(size=(2, 4, 64, 64)).astype(np.float32)
-    expected = z.reshape(2, 4, 32, 2, 32, 2).max(axis=(3, 5))
-    np.testing.assert_array_equal(max_pool_to(z, 32), expected)
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(2, 4, 64, 64)).astype(np.float32)
+    for source in (z, rng.normal(size=(2, 4, 128, 128)).astype(np.float32)):  # kernel 2 and 4
+        k = source.shape[-1] // 32
+        expected = torch.nn.functional.max_pool2d(torch.from_numpy(source), k).numpy()
+        np.testing.assert_array_equal(max_pool_to(source, 32), expected)
     np.testing.assert_array_equal(max_pool_to(z[:, :, :32, :32], 32), z[:, :, :32, :32])
     np.testing.assert_array_equal(max_pool_to(z[:, 0, 0, :], 32), z[:, 0, 0, :])  # vectors
     with pytest.raises(ValueError, match="pool_to=32"):

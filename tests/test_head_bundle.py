@@ -43,8 +43,12 @@ def _conv_bundle():
     rng = np.random.default_rng(1)
     meta = _meta("conv_transpose2d", (5, 4, 4), (3, 8, 8), "tanh", False, stride=[2, 2],
                  padding=[1, 1], dilation=[1, 1], groups=1, output_padding=[0, 0])
-    return Bundle(meta, rng.normal(size=(5, 3, 4, 4)).astype(np.float32), None,
-                  rng.normal(size=(5, 4, 4)).astype(np.float32))
+    weight = rng.normal(size=(5, 3, 4, 4)).astype(np.float32)
+    # ‖A‖² from the dense matrix of the layer (one column per input coordinate).
+    basis = np.eye(5 * 4 * 4, dtype=np.float32).reshape(80, 5, 4, 4)
+    dense = np.asarray(fj.ConvTranspose2d(weight, stride=2, padding=1, in_size=(4, 4))(basis))
+    meta["lipschitz"] = float(np.linalg.norm(dense.reshape(80, -1).astype(np.float64), 2) ** 2)
+    return Bundle(meta, weight, None, rng.normal(size=(5, 4, 4)).astype(np.float32))
 
 
 def test_round_trip_and_forward_against_numpy(tmp_path):
@@ -95,6 +99,38 @@ def test_target_maps_pixels_and_counts_clips(tmp_path):
         head.target(np.zeros((2, 5), np.float32))
     with pytest.raises(ValueError, match="NaN"):
         head.target(np.full((1, 4), np.nan, np.float32))
+
+
+def test_float_images_outside_the_output_range_are_refused_not_clipped(tmp_path):
+    write_bundle(tmp_path / "h", _linear_bundle())
+    head = fj.Head.load(tmp_path / "h")
+    pixels = np.array([[0.0, 12.0, 128.0, 255.0]], np.float32)  # 0–255 floats, tanh head
+    with pytest.raises(ValueError, match=r"x spans \[0, 255\]: expected the head's output range "
+                                         r"\(-1.0, 1.0\)"):
+        head.target(pixels)
+    with pytest.raises(ValueError, match=r"x spans"):
+        head.invert(pixels)
+    # The scale stated: mapped, not clipped. Clipping asked for: clipped and counted.
+    o, clipped = head.target(pixels, x_range=(0, 255), return_clipped=True)
+    assert clipped.tolist() == [2]  # 0 → −1 and 255 → 1, at the ends of the range
+    _, clipped = head.target(pixels, clip=1e-4, return_clipped=True)
+    assert clipped.tolist() == [3]  # 12, 128 and 255 are above 1 − 1e-4
+    # The range's own ends are inside it.
+    assert np.isfinite(np.asarray(head.target(np.array([[-1.0, 1.0, 0.0, 0.5]], np.float32)))).all()
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.98, 1.2, 10.0])
+def test_a_wrong_stored_lipschitz_constant_is_refused_on_load(tmp_path, factor):
+    b = _conv_bundle()
+    true = b.meta["lipschitz"]
+    write_bundle(tmp_path / "c", b._replace(meta=dict(b.meta, lipschitz=true * factor)))
+    with pytest.raises(ValueError, match=rf"'lipschitz' is {true * factor:.6g} but the weights "
+                                         r"give \|\|A\|\|\^2 = ") as refused:
+        fj.Head.load(tmp_path / "c")
+    estimate = float(str(refused.value).split("= ")[1].split(" ")[0])
+    assert estimate == pytest.approx(true, rel=1e-4)
+    write_bundle(tmp_path / "ok", b)
+    assert fj.Head.load(tmp_path / "ok").lipschitz == true
 
 
 def test_identity_head_without_range_refuses_x_range(tmp_path):

@@ -1,4 +1,4 @@
-"""Metrics against numpy quantiles, scikit-learn's AUC and hand counts."""
+"""Metrics against closed-form and torch quantiles, scikit-learn's AUC and hand counts."""
 
 import numpy as np
 import pytest
@@ -10,10 +10,23 @@ from flipad_jax.metrics import (accuracy, attribution_table, evaluate, min_valid
 
 
 @pytest.mark.parametrize("fnr", [0.005, 0.05, 0.1, 0.37])
-def test_threshold_equals_numpy_quantile(fnr):
-    s = np.random.default_rng(0).gamma(2.0, size=1000)
-    assert threshold(s, fnr) == np.quantile(s, 1 - fnr)
-    assert abs(realised_fnr(s, threshold(s, fnr)) - fnr) <= 1 / 1000 + 1e-12
+def test_threshold_is_the_interpolated_quantile(fnr):
+    # Scores 0, 1, …, n − 1 in any order: the linearly interpolated (1 − fnr) quantile sits at
+    # position (n − 1)(1 − fnr), which is its own value.
+    n = 1001
+    s = np.random.default_rng(0).permutation(n).astype(np.float64)
+    assert threshold(s, fnr) == pytest.approx((n - 1) * (1 - fnr), rel=1e-12)
+    g = np.random.default_rng(1).gamma(2.0, size=1000)
+    assert abs(realised_fnr(g, threshold(g, fnr)) - fnr) <= 1 / 1000 + 1e-12
+
+
+@pytest.mark.torch
+def test_threshold_equals_the_references_torch_quantile():
+    torch = pytest.importorskip("torch")
+    s = np.random.default_rng(2).gamma(2.0, size=999)
+    for fnr in (0.005, 0.05, 0.3):
+        assert threshold(s, fnr) == pytest.approx(
+            float(torch.quantile(torch.from_numpy(s), 1 - fnr)), rel=1e-12)
 
 
 def test_threshold_bad_input():

@@ -99,7 +99,7 @@ def test_lenet_matches_pytorch_in_train_and_eval_mode(stem):
     net = build_network("lenet_cifar10", in_channels=in_ch, input_size=size, widths=widths,
                         rep_dim=16, stem=stem)
     with jax.enable_x64(True):
-        v = net.init(jax.random.key(0), jnp.zeros((1, in_ch, size, size), jnp.float64))
+        v = net.init(jax.random.key(0), jnp.zeros((1, in_ch, size, size), jnp.float32))
         params = {f"conv{i}": {"kernel": jnp.asarray(c.weight.detach().numpy().transpose(2, 3, 1, 0))}
                   for i, c in enumerate(tnet.convs)}
         params["fc"] = {"kernel": jnp.asarray(tnet.fc.weight.detach().numpy().T)}
@@ -153,3 +153,34 @@ def test_init_follows_pytorch_default_bounds():
     k = np.asarray(v["params"]["conv0"]["kernel"])
     bound = 1 / np.sqrt(3 * 25)
     assert np.abs(k).max() <= bound and np.abs(k).max() > 0.9 * bound
+
+
+@pytest.mark.torch
+def test_lenet_train_mode_gradients_match_pytorch():
+    """Weight gradients in train mode (BatchNorm with batch statistics, max-pool) as autograd's."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(2)
+    in_ch, size, widths = 3, 8, (6, 5)
+    tnet = _torch_lenet(torch, widths, in_ch, False).double()
+    x = torch.randn(8, in_ch, size, size, dtype=torch.float64)
+    tnet(x)
+    g = torch.randn(8, 16, dtype=torch.float64)
+    (tnet.train()(x) * g).sum().backward()
+    net = build_network("lenet_cifar10", in_channels=in_ch, input_size=size, widths=widths,
+                        rep_dim=16)
+    with jax.enable_x64(True):
+        params = {f"conv{i}": {"kernel": jnp.asarray(c.weight.detach().numpy().transpose(2, 3, 1, 0))}
+                  for i, c in enumerate(tnet.convs)}
+        params["fc"] = {"kernel": jnp.asarray(tnet.fc.weight.detach().numpy().T)}
+        stats = {f"bn{i}": {"mean": jnp.zeros(w, jnp.float64), "var": jnp.ones(w, jnp.float64)}
+                 for i, w in enumerate(widths)}
+        grads = jax.grad(lambda p: jnp.sum(net.apply({"params": p, "batch_stats": stats},
+                                                     jnp.asarray(x.numpy()), train=True,
+                                                     mutable=["batch_stats"])[0]
+                                           * jnp.asarray(g.numpy())))(params)
+        for i, c in enumerate(tnet.convs):
+            np.testing.assert_allclose(grads[f"conv{i}"]["kernel"],
+                                       c.weight.grad.numpy().transpose(2, 3, 1, 0),
+                                       rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(grads["fc"]["kernel"], tnet.fc.weight.grad.numpy().T,
+                                   rtol=1e-9, atol=1e-12)

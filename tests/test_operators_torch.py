@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flipad_jax as fj
-from _geometry import build, conv_geometry, weight_shape
+from tests._geometry import build, conv_geometry, weight_shape
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -14,6 +14,7 @@ pytestmark = pytest.mark.torch
 
 
 @pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())

@@ -152,9 +152,9 @@ def test_load_refuses_another_generator(small, demo_dcgan, tmp_path):
     (dict(images=np.zeros((0, 1, 16, 16), np.float32)), r"images has shape \(0, 1, 16, 16\)"),
     (dict(images=np.full((1, 1, 16, 16), np.nan, np.float32)), "images holds 256 NaN"),
     (dict(images=np.zeros((1, 1, 16, 16), np.int32)), "images has dtype int32"),
-    (dict(restarts=0), "restarts=0: expected a positive int"),
-    (dict(steps=2.5), "steps=2.5: expected a positive int"),
-    (dict(batch_size=True), "batch_size=True: expected a positive int"),
+    (dict(restarts=0), "restarts=0: expected an int >= 1"),
+    (dict(steps=2.5), "steps=2.5: expected an int >= 1"),
+    (dict(batch_size=True), "batch_size=True: expected an int >= 1"),
     (dict(lr=-0.1), r"lr=-0.1: expected a positive finite number"),
 ])
 def test_bad_input_is_named(small, change, match):

@@ -1,0 +1,166 @@
+"""Where a DeepSAD train step's time goes on this CPU: ours (XLA's per-op trace) and PyTorch's
+(``torch.profiler``), the same step of ``benchmarks/deepsad.py`` (lenet_cifar10, batch 128), in
+one process, alternating, so that both see the same load.
+
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python benchmarks/deepsad_profile.py \\
+        --out benchmarks/results/deepsad_cpu_profile.json
+
+Reported: each step's wall time (median, unprofiled, alternating); ours: the time per step in
+XLA ops that are or fuse a convolution (forward, input and weight gradients) and in all ops;
+PyTorch: the share of its profiled self time in convolution ops; and PyTorch's step time over
+our convolutions' time, the ratio that ours could reach if everything but the convolutions cost
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _ours_step(n=1024, batch=128):
+    import jax
+    import jax.numpy as jnp
+
+    from flipad_jax.deepsad import _trainer, init_center
+    from flipad_jax.networks import build_network
+
+    net = build_network("lenet_cifar10")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, 3, 32, 32)).astype(np.float32))
+    y = jnp.asarray(np.where(np.arange(n) % 2 == 0, 1, -1).astype(np.int32))
+    v = net.init(jax.random.key(0), x[:1])
+    c = init_center(net, v, x)
+    step, tx, _ = _trainer(net, 1.0, n // batch, 5e-4, (25, 50, 100), 0.1, 5e-7)
+    state = [v["params"], v["batch_stats"], tx.init(v["params"])]
+    idx = jnp.arange(batch)
+    hlo = step.lower(*state, c, x, y, idx).compile().as_text()
+
+    def run():
+        p, b, o, loss = step(*state, c, x, y, idx)
+        loss.block_until_ready()
+        state[:] = [p, b, o]
+
+    return run, hlo
+
+
+def _conv_fusions(hlo: str) -> set:
+    """Names of the entry computation's ops that are, or fuse, a convolution."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if m:
+            name = m.group(1)
+            comps[name] = []
+        elif name:
+            comps[name].append(line)
+    convs = set()
+    for body in comps.values():
+        for line in body:
+            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?(\w[\w-]*)\(", line)
+            if not m:
+                continue
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            if " convolution(" in line or (called and any(
+                    " convolution(" in l for l in comps.get(called.group(1), []))):
+                convs.add(m.group(1))
+    return convs
+
+
+def profile_ours(run, hlo, steps):
+    import jax
+
+    convs = _conv_fusions(hlo)
+    run()
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(steps):
+                run()
+        trace = next(Path(d).rglob("*.json.gz"))
+        events = json.load(gzip.open(trace))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    per_op = collections.defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X":
+            per_op[e["name"]] += e["dur"] / 1e3 / steps
+    conv = sum(t for k, t in per_op.items() if k in convs)
+    ops = sum(t for k, t in per_op.items()
+              if re.match(r"^[a-z_]+(\.\d+)?$", k) and not k.startswith("$"))
+    return conv, ops
+
+
+def profile_torch(torch, steps, n=1024, batch=128):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from deepsad import torch_deepsad
+
+    net = torch_deepsad(torch, (3, 32, 32), (32, 64, 128))
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(batch, 3, 32, 32)).astype(np.float32))
+    y = torch.from_numpy(np.where(np.arange(batch) % 2 == 0, 1, -1).astype(np.int32))
+    opt = torch.optim.Adam(net.parameters(), lr=5e-4, weight_decay=5e-7)
+    c = torch.full((128,), 0.1)
+
+    def run():
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        dist = torch.sum((net(x) - c) ** 2, dim=1)
+        loss = torch.where(y == 0, dist, (dist + 1e-6) ** y.float()).mean()
+        loss.backward()
+        opt.step()
+        float(loss.detach())
+
+    run()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run()
+    events = prof.key_averages()
+    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key or "mkldnn" in e.key)
+    return run, conv / sum(e.self_cpu_time_total for e in events)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    import jax
+    import torch
+
+    ours_run, hlo = _ours_step()
+    torch_run, torch_conv_share = profile_torch(torch, args.steps)
+    ours_conv, ours_ops = profile_ours(ours_run, hlo, args.steps)
+    t_ours, t_torch = [], []
+    for _ in range(args.steps):
+        for run, acc in ((ours_run, t_ours), (torch_run, t_torch)):
+            start = time.perf_counter()
+            run()
+            acc.append(time.perf_counter() - start)
+    res = {"load_average": os.getloadavg(), "torch_threads": torch.get_num_threads(),
+           "versions": {"jax": jax.__version__, "torch": torch.__version__},
+           "ours_step_ms": 1e3 * float(np.median(t_ours)),
+           "torch_step_ms": 1e3 * float(np.median(t_torch)),
+           "ours_conv_ms": ours_conv, "ours_all_ops_ms": ours_ops,
+           "ours_conv_share": ours_conv / ours_ops, "torch_conv_share": torch_conv_share}
+    res["step_ratio"] = res["torch_step_ms"] / res["ours_step_ms"]
+    res["ratio_bound_if_only_convs_remained"] = res["torch_step_ms"] / ours_conv
+    print(json.dumps(res, indent=2))
+    if args.out:
+        from flipad_jax._files import atomic_file
+
+        with atomic_file(args.out) as tmp:
+            tmp.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Hand-written gradients of nn_ops against PyTorch's autograd of its own layers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flipad_jax.nn_ops import batch_normalize, max_pool_2x2
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+
+def _nhwc(t):
+    return jnp.asarray(t.detach().numpy().transpose(0, 2, 3, 1))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), ties=st.booleans())
+def test_max_pool_value_and_gradient_match_torch(seed, ties):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 6, 8, dtype=torch.float64, generator=gen)
+    if ties:  # few distinct values: many windows with tied maxima
+        x = torch.round(x)
+    x.requires_grad_(True)
+    g = torch.randn(3, 4, 3, 4, dtype=torch.float64, generator=gen)
+    out = torch.nn.functional.max_pool2d(x, 2, 2)
+    (out * g).sum().backward()
+    with jax.enable_x64(True):
+        ours, vjp = jax.vjp(max_pool_2x2, _nhwc(x))
+        np.testing.assert_array_equal(ours, _nhwc(out))
+        np.testing.assert_array_equal(vjp(_nhwc(g))[0], _nhwc(x.grad))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from([(5, 3, 4, 4), (9, 6)]))
+def test_batch_normalize_gradient_matches_torch(seed, shape):
+    """Cotangents on y, the mean and the biased variance all flow back as in autograd."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(*shape, dtype=torch.float64, generator=gen) + 1).requires_grad_(True)
+    gy, gm, gv = (torch.randn(*s, dtype=torch.float64, generator=gen)
+                  for s in (shape, shape[1:2], shape[1:2]))
+    axes = [0] + list(range(2, len(shape)))
+    mean = x.mean(axes)
+    var = x.var(axes, unbiased=False)
+    y = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-4)
+    ((y * gy).sum() + (mean * gm).sum() + (var * gv).sum()).backward()
+    last = lambda t: jnp.asarray(np.moveaxis(t.detach().numpy(), 1, -1))
+    with jax.enable_x64(True):
+        (oy, om, ov), vjp = jax.vjp(lambda a: batch_normalize(a, 1e-4), last(x))
+        np.testing.assert_allclose(oy, last(y), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(om, mean.detach().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(ov, var.detach().numpy(), rtol=1e-12)
+        (gx,) = vjp((last(gy), jnp.asarray(gm.numpy()), jnp.asarray(gv.numpy())))
+        np.testing.assert_allclose(gx, last(x.grad), rtol=1e-9, atol=1e-12)
