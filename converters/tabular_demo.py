@@ -6,7 +6,7 @@ the other generators are SDV's TVAE, CTGAN and CopulaGAN, whose shipped samples 
 generators were trained in.
 
 Stages (written atomically under ``OUT/work`` and reused when rerun with the same settings, as
-:func:`converters.demo.run_demo`; :func:`converters.demo_work.open_work` checks the settings):
+:func:`converters.demo.run_demo`; :func:`converters._workdir.prepare_work` checks the settings):
 
 1. convert KL-WGAN to a head bundle (its last Linear layer; z̄ over ``zbar_samples`` latents);
 2. sample KL-WGAN's train / val / test rows (``.npy``, float32, one torch thread);
@@ -39,6 +39,7 @@ validation and test rows per source (the paper's), DeepSAD 10 / 100 epochs, SM-I
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -240,7 +241,7 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
       :func:`flipad_jax.metrics.evaluate` with "method", "model" ("klwgan_<dataset>") and
       "dataset"], "datasets", "paper", "settings", "timings_s", "weights", "data"}``.
     """
-    from converters.demo_work import open_work
+    from converters._workdir import prepare_work
     from converters.tabular_gans import OUT_DIR, klwgan_weights
     from flipad_jax import metrics, report
     from flipad_jax.detector import DEFAULT_FNRS, Detector
@@ -253,8 +254,9 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
     if not 0 <= settings.sminv_rows <= min(settings.n_train, settings.n_test):
         raise ValueError(f"sminv_rows={settings.sminv_rows}: expected 0 (no SM-Inv₂) up to "
                          f"min(n_train, n_test) = {min(settings.n_train, settings.n_test)}")
-    work = open_work(out, {"demo": "tabular", "settings": settings._asdict()},
-                     overwrite=overwrite)
+    # JSON's lists for tuples, as settings.json reads back
+    wanted = json.loads(json.dumps({"settings": settings._asdict()}))
+    work = prepare_work(out, wanted, what="tabular demo", overwrite=overwrite)
     out = Path(out)
     timings: dict = {}
     pairs = []

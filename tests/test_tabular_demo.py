@@ -79,7 +79,7 @@ def test_a_rerun_reuses_every_stage(demo, monkeypatch):
 
 def test_refuses_a_folder_that_is_not_a_demo_run(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a demo folder"):
+    with pytest.raises(ValueError, match="not a tabular demo folder"):
         run_tabular_demo(tmp_path, settings=TINY, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
