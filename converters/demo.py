@@ -381,6 +381,7 @@ examples:
   flipad demo --n-train 5000 --out d5k      # any sizes (n_val >= 200 for fnr 0.005)
   {PAPER_SCALE_COMMAND}   # the paper's 10 000 / 1000 / 1000 and DeepSAD widths
   flipad demo --retrain --out demo2   # retrain the five GANs first (tens of minutes on a CPU)
+  flipad demo --tabular --quick       # the tabular experiment (paper Table 5), into flipad-tabular/
 """
 
 
@@ -396,6 +397,10 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                     "style tables and write a report folder (tables with a Table-6 runtime "
                     "analog, results.json, figures).")
     p.add_argument("--out", default="flipad-demo", help="report folder (default flipad-demo)")
+    p.add_argument("--tabular", action="store_true",
+                   help="the tabular experiment instead (paper Tables 5 and 15): KL-WGAN on the "
+                        "wine data against TVAE, CTGAN and CopulaGAN (takes --quick, --out, "
+                        "--overwrite and --quiet)")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_true", help="smaller sets and shorter training "
                        f"({QUICK.n_train} / {QUICK.n_val} / {QUICK.n_test}, {QUICK.epochs} "
@@ -442,6 +447,8 @@ def _run_demo(args) -> int:
     from flipad_jax import report
 
     start = time.perf_counter()
+    if args.tabular:
+        return _run_tabular(args, start)
     settings = settings_from_args(args)
     results = run_demo(args.out, retrain=args.retrain, data=args.data, weights=args.weights,
                        overwrite=args.overwrite, progress=not args.quiet, settings=settings)
@@ -454,3 +461,24 @@ def _run_demo(args) -> int:
     print(f"report in {args.out}/ ({time.perf_counter() - start:.0f} s, peak RSS "
           f"{results['peak_rss_mib']} MiB)")
     return 0
+
+
+def _run_tabular(args, start: float) -> int:
+    from converters.tabular_demo import print_summary, run_tabular_demo
+
+    image_only = [flag for flag, value in (
+        ("--paper-scale", args.paper_scale), ("--n-train", args.n_train),
+        ("--n-val", args.n_val), ("--n-test", args.n_test), ("--real-train", args.real_train),
+        ("--converged", args.converged), ("--retrain", args.retrain), ("--data", args.data),
+        ("--weights", args.weights)) if value]
+    if image_only:
+        raise ValueError(f"--tabular with {', '.join(image_only)}: expected none of the image "
+                         "demo's options (the tabular demo takes --quick, --out, --overwrite, "
+                         "--quiet)")
+    out = "flipad-tabular" if args.out == "flipad-demo" else args.out
+    results = run_tabular_demo(out, quick=args.quick, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    print_summary(results)
+    print(f"report in {out}/ ({time.perf_counter() - start:.0f} s)")
+    return 0
+

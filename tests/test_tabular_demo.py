@@ -101,3 +101,11 @@ def test_refuses_a_run_with_other_settings(demo):
     out, _ = demo
     with pytest.raises(ValueError, match="other settings"):
         run_tabular_demo(out, settings=TINY._replace(epochs=2), progress=False)
+
+
+def test_cli_tabular_refuses_the_image_demo_s_options(capsys):
+    from flipad_jax.cli import main
+
+    assert main(["demo", "--tabular", "--paper-scale", "--n-train", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "--tabular with --paper-scale, --n-train: expected none of the image demo" in err
