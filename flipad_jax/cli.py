@@ -192,7 +192,7 @@ examples:
 def _add_fit_parser(subparsers):
     p = subparser(
         subparsers, "fit", FIT_EXAMPLES,
-        help="fit a FLIPAD / RawPAD / DCTPAD detector on G's and other samples",
+        help="fit a FLIPAD / RawPAD / DCTPAD / SM-F / SM-Inv₂ detector on G's samples",
         description="Train DeepSAD on features of G's samples (inliers) against other samples, "
                     "set the thresholds on G's validation samples, and save the detector.")
     p.add_argument("--features", choices=list(METHOD_NAMES), required=True,
