@@ -32,6 +32,16 @@ def check_int(name: str, value, *, minimum: int = 1, maximum: Optional[int] = No
     return int(value)
 
 
+def check_positive(name, value, *, allow_zero=False) -> float:
+    """A finite real scalar (Python, NumPy or JAX) > 0 (≥ 0 with ``allow_zero``), as a float."""
+    ok = np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number)
+    number = float(value) if ok else float("nan")
+    if not (np.isfinite(number) and (number > 0 or (allow_zero and number == 0))):
+        raise ValueError(f"{name}={value!r}: expected a finite number "
+                         f"{'>= 0' if allow_zero else '> 0'}")
+    return number
+
+
 def check_floating(name: str, x) -> None:
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):

@@ -65,10 +65,10 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from flipad_jax._checks import check_batch, check_finite, check_floating, check_int
+from flipad_jax._checks import (check_batch, check_finite, check_floating, check_int,
+                                check_positive)
 from flipad_jax.operators import Linear
 
 _STOP_RULES = ("gap", "change", "reference")
@@ -120,10 +120,10 @@ class LassoOptions:
         if self.start not in _STARTS:
             raise ValueError(f"start={self.start!r}: expected one of {_STARTS}")
         if self.tol is not None:
-            _positive_number("tol", self.tol, allow_zero=True)
+            check_positive("tol", self.tol, allow_zero=True)
         if self.step is not None:
-            _positive_number("step", self.step)
-        _positive_number("lipschitz_margin", self.lipschitz_margin)
+            check_positive("step", self.step)
+        check_positive("lipschitz_margin", self.lipschitz_margin)
 
     @classmethod
     def paper(cls, op, **overrides) -> "LassoOptions":
@@ -293,16 +293,6 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
     return solution, final.iterations, objective, gap, kkt, final.status
 
 
-def _positive_number(name, value, *, allow_zero=False) -> float:
-    """A finite real scalar (Python, NumPy or JAX) > 0 (≥ 0 with ``allow_zero``), as a float."""
-    ok = np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number)
-    number = float(value) if ok else float("nan")
-    if not (np.isfinite(number) and (number > 0 or (allow_zero and number == 0))):
-        raise ValueError(f"{name}={value!r}: expected a finite number "
-                         f"{'>= 0' if allow_zero else '> 0'}")
-    return number
-
-
 def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOptions] = None,
                 lipschitz: Optional[float] = None, **overrides) -> LassoResult:
     """Solve ``min_z ½‖A z + b − o‖² + λ‖z − anchor‖₁`` for every sample of a batch.
@@ -380,7 +370,7 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
     if step is None:
         if lipschitz is None:
             lipschitz = op.lipschitz()
-        lipschitz = _positive_number("lipschitz", lipschitz)
+        lipschitz = check_positive("lipschitz", lipschitz)
         step = 1.0 / (opts.lipschitz_margin * lipschitz)
 
     r = op.out_to_internal(o - op.affine(anchor))

@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from flipad_jax._checks import check_finite, check_floating, check_int
+from flipad_jax._checks import check_finite, check_floating, check_int, check_positive
 from flipad_jax._files import atomic_dir, check_new_path
 from flipad_jax._optax import standard_promotion
 from flipad_jax.detector import DEFAULT_FNRS, check_fnrs
@@ -151,12 +151,6 @@ def _reconstruct_batch(generator: Generator, images, z0, lr, *, steps: int,
     return _best(generator, z, target, restarts=restarts, features=features)
 
 
-def _check_lr(lr) -> float:
-    if isinstance(lr, bool) or not np.isscalar(lr) or not (np.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr={lr!r}: expected a positive finite number")
-    return float(lr)
-
-
 def check_images(generator: Generator, images):
     """``images`` as a float array; ValueError unless ``(N, *generator.out_shape)``, N ≥ 1,
     floating and finite."""
@@ -194,7 +188,7 @@ def reconstruct(generator: Generator, images, *, key, restarts: int = RESTARTS,
     restarts = check_int("restarts", restarts)
     steps = check_int("steps", steps)
     batch_size = check_int("batch_size", batch_size)
-    lr = _check_lr(lr)
+    lr = check_positive("lr", lr)
     images = check_images(generator, images)
     n = images.shape[0]
     batch = min(batch_size, n)
@@ -243,7 +237,7 @@ class SMInv2:
         self.generator = generator
         self.features = features
         self.config = dict(restarts=check_int("restarts", restarts),
-                           steps=check_int("steps", steps), lr=_check_lr(lr),
+                           steps=check_int("steps", steps), lr=check_positive("lr", lr),
                            batch_size=check_int("batch_size", batch_size), fnrs=list(fnrs),
                            seed=int(seed), progress=bool(progress))
 

@@ -155,7 +155,7 @@ def test_load_refuses_another_generator(small, demo_dcgan, tmp_path):
     (dict(restarts=0), "restarts=0: expected an int >= 1"),
     (dict(steps=2.5), "steps=2.5: expected an int >= 1"),
     (dict(batch_size=True), "batch_size=True: expected an int >= 1"),
-    (dict(lr=-0.1), r"lr=-0.1: expected a positive finite number"),
+    (dict(lr=-0.1), r"lr=-0.1: expected a finite number > 0"),
 ])
 def test_bad_input_is_named(small, change, match):
     gen = Generator.load(small[1])
