@@ -1,0 +1,93 @@
+"""The sample-size curve (the paper's Table 12): ``flipad demo`` at several n_tr, one JSON.
+
+Runs the demo once per training size (n_val = n_test fixed), each into its own folder under
+``--work`` so an interrupted curve resumes stage by stage, and after each size rewrites ``--out``
+(atomically) with every size finished so far:
+
+    {"runs": [{"n_train": 10000, "methods": {"flipad": {"accuracy": …, "auc": …}, …},
+               "per_g": {"flipad": {"dcgan": {"accuracy": …, "auc": …}, …}, …},
+               "table2": {…}, "wall_s": …, "device": "…", "command": "…"}, …],
+     "paper_table12": {…}}
+
+Accuracies are fractions at fnr 0.005, means over the 16 (G, G′) pairs of Table 1; ``per_g``
+averages over each G's four G′. Every size draws its real training images from the same split
+(``--real-train``, default ``train``: 10 000 + 1000 real images do not fit in the test split).
+
+    python benchmarks/sample_size.py --sizes 1000,5000,10000 --work /tmp/curve \
+        --out benchmarks/results/demo/sample_size.json
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from converters.demo import FULL, PAPER, PAPER_TABLE12, REAL_TRAIN_SPLITS, run_demo
+from flipad_jax import report
+
+
+def per_g(pairs: list, fnr: float = 0.005) -> dict:
+    """``{method: {G: {"accuracy", "auc"}}}``: means over each G's G′ (fractions)."""
+    key = f"acc@fnr={fnr:g}"
+    out: dict = {}
+    for rec in pairs:
+        cell = out.setdefault(rec["method"], {}).setdefault(rec["model"], {"a": [], "u": []})
+        cell["a"].append(float(rec[key]))
+        cell["u"].append(float(rec["auc"]))
+    return {m: {g: {"accuracy": float(np.mean(c["a"])), "auc": float(np.mean(c["u"]))}
+                for g, c in gs.items()} for m, gs in out.items()}
+
+
+def device_name() -> str:
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+    return f"{dev.platform.upper()}: {dev.device_kind}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="1000,5000,10000", help="comma-separated n_train values")
+    p.add_argument("--n-eval", type=int, default=1000, help="n_val = n_test (default 1000)")
+    p.add_argument("--widths", choices=("demo", "paper"), default="demo",
+                   help="DeepSAD widths: the demo's (default) or the authors' (App. G)")
+    p.add_argument("--real-train", choices=REAL_TRAIN_SPLITS, default="train")
+    p.add_argument("--work", required=True, help="folder for one demo run per size")
+    p.add_argument("--out", required=True, help="JSON file, rewritten after each size")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    base = (PAPER if args.widths == "paper" else FULL)._replace(
+        n_val=args.n_eval, n_test=args.n_eval, real_train=args.real_train)
+    runs = []
+    for n in sizes:
+        settings = base._replace(n_train=n)
+        folder = Path(args.work) / f"n{n}"
+        command = (f"flipad demo --n-train {n} --n-val {args.n_eval} --n-test {args.n_eval} "
+                   f"--real-train {args.real_train}"
+                   + (" --paper-scale" if args.widths == "paper" else "") + f" --out {folder}")
+        print(f"[{time.strftime('%H:%M:%S')}] {command}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        # overwrite=False: a rerun with the same settings reuses the finished stages
+        results = run_demo(folder, settings=settings, progress=False)
+        runs.append({"n_train": n, "methods": results["methods"],
+                     "per_g": per_g(results["pairs"]), "table2": results["table2"]["methods"],
+                     "wall_s": round(time.perf_counter() - start, 1),
+                     "stage_s": results["timings_s"], "peak_rss_mib": results["peak_rss_mib"],
+                     "settings": results["settings"], "device": device_name(),
+                     "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "command": command})
+        report.write_json(args.out, {"runs": runs, "paper_table12": {
+            str(k): v for k, v in PAPER_TABLE12.items()},
+            "script": "python benchmarks/sample_size.py " + " ".join(argv or sys.argv[1:])})
+        flipad = results["methods"]["flipad"]
+        print(f"  n={n}: FLIPAD accuracy {flipad['accuracy']:.4f}, AUC {flipad['auc']:.4f}, "
+              f"{runs[-1]['wall_s']} s", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
