@@ -142,7 +142,7 @@ def _load_detector(path, bundle, generator=None):
     """(detector, pixel range) from a saved detector and, for FLIPAD, its head bundle (for
     SM-Inv₂, its generator bundle)."""
     from flipad_jax.detector import Detector
-    from flipad_jax.detector_io import HeadMismatchError, read_meta
+    from flipad_jax.detector_io import HeadMismatchError, embedded_bundle, read_meta
     from flipad_jax.head import Head
     from flipad_jax.sminv import SMInv2
 
@@ -153,10 +153,11 @@ def _load_detector(path, bundle, generator=None):
         gen = _load_generator(generator)
         return SMInv2.load(path, gen, progress=False), gen.output_range
     saved_head = read_meta(path)["head"]
+    bundle = bundle or embedded_bundle(path)
     if saved_head is not None and bundle is None:
         raise ValueError(f"{path}: a FLIPAD detector, fitted with the head of "
                          f"{(saved_head.get('source') or {}).get('file') or 'a bundle'}: expected "
-                         "--bundle DIR, the head bundle it was fitted with")
+                         "--bundle DIR, the head bundle it was fitted with (it carries none)")
     head = None if bundle is None else Head.load(bundle)
     try:
         detector = Detector.load(path, head=head, progress=False)
@@ -347,7 +348,8 @@ def _add_score_parser(subparsers):
     p.add_argument("detector", help="detector folder written by `flipad fit`")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=SRC_HELP)
     p.add_argument("--out", required=True, help="output FILE.csv or FILE.jsonl")
-    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--bundle", help="head bundle (FLIPAD detectors; default: the one the "
+                   "detector folder carries)")
     p.add_argument("--generator", metavar="DIR",
                    help="generator bundle (required for SM-Inv₂ detectors)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
@@ -412,7 +414,8 @@ def _add_explain_parser(subparsers):
     p.add_argument("detector", help="detector folder written by `flipad fit`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help=SRC_HELP)
     p.add_argument("--report", required=True, metavar="DIR", help="new report folder")
-    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--bundle", help="head bundle (FLIPAD detectors; default: the one the "
+                   "detector folder carries)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     _add_perturb_flags(p)
     add_output_flags(p, "replace an existing --report DIR")
@@ -423,8 +426,12 @@ def _add_explain_parser(subparsers):
 def _write_report(args, detector, refs):
     from flipad_jax.evidence import write_report
 
+    from flipad_jax.detector_io import embedded_bundle
+
+    bundle = args.bundle or embedded_bundle(args.detector)
     path, records = write_report(args.report, detector, refs, detector_path=args.detector,
-                                 bundle_path=args.bundle, batch_size=args.batch_size,
+                                 bundle_path=None if bundle is None else str(bundle),
+                                 batch_size=args.batch_size,
                                  perturbation=args.perturb, seed=args.perturb_seed,
                                  overwrite=args.overwrite, command=args.argv,
                                  progress=not args.quiet)
@@ -492,7 +499,8 @@ def _add_evaluate_parser(subparsers):
                    help=f"G's test samples (repeatable): {SRC_HELP}")
     p.add_argument("--other", action="append", required=True, type=_named_source,
                    metavar="NAME=SRC", help="samples of another source G′ (repeatable)")
-    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--bundle", help="head bundle (FLIPAD detectors; default: the one the "
+                   "detector folder carries)")
     p.add_argument("--generator", metavar="DIR",
                    help="generator bundle (required for SM-Inv₂ detectors)")
     p.add_argument("--out", metavar="REPORT_DIR",

@@ -373,8 +373,9 @@ class Detector:
         Args:
           head: the generator's Head, needed to score *images* with FLIPAD features; it must be
             the head the detector was fitted with (checked by fingerprint; a mismatch raises
-            :class:`~flipad_jax.detector_io.HeadMismatchError`). Precomputed features need no
-            head.
+            :class:`~flipad_jax.detector_io.HeadMismatchError`). None: the head the folder
+            carries (a detector fitted on a bundle's head embeds it), checked the same way.
+            Precomputed features need no head.
           progress: override the saved progress setting.
         """
         from flipad_jax import detector_io
@@ -384,7 +385,7 @@ class Detector:
         det = cls.__new__(cls)
         det.feature_config, det.training, det.fnrs = saved.features, saved.training, saved.fnrs
         det.progress = saved.progress if progress is None else progress
-        det.head = head
+        det.head = saved.head_object
         network = saved.state.network
         det._net = None if network is None else build_network(network[0], **network[1])
         det._state = saved.state

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from flipad_jax import _partial, metrics
 from flipad_jax.bundle import Bundle, write_bundle
 from flipad_jax.cli import main
 from flipad_jax.detector import Detector
+from flipad_jax.detector_io import HeadMismatchError
 from tests.test_head_bundle import _meta
 
 TINY = ["--fnr", "0.05", "--epochs", "4", "--batch-size", "32", "--network-opt",
@@ -302,9 +304,26 @@ def test_flipad_detector_needs_its_own_head(tmp_path, capsys):
     err = _error(capsys)
     assert f"--bundle {other_bundle} does not belong to the detector {det}" in err
     assert "fingerprint" in err
+    # one folder is enough: the detector carries its head bundle and checks it on load
+    assert (det / "head" / "head.json").is_file()
+    assert _score(det, tmp_path / "noise.npy", out=out) == 0
+    np.testing.assert_allclose([json.loads(l)["score"] for l in out.read_text().splitlines()],
+                               loaded.anomaly_score(noise), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(Detector.load(det).anomaly_score(noise),
+                                  loaded.anomaly_score(noise))
+    out.unlink()
+    # a changed embedded z̄ (weights and ‖A‖² untouched) fails the fingerprint check
+    from flipad_jax.bundle import read_bundle
+    embedded = read_bundle(det / "head")
+    shutil.rmtree(det / "head")
+    write_bundle(det / "head", embedded._replace(zbar=embedded.zbar + 0.01))
+    with pytest.raises(HeadMismatchError, match="fingerprint"):
+        Detector.load(det)
+    shutil.rmtree(det / "head")
     assert _score(det, tmp_path / "noise.npy", out=out) == 1
     err = _error(capsys)
     assert f"{det}: a FLIPAD detector" in err and "expected --bundle DIR" in err
+    assert "it carries none" in err
     assert not out.exists() and not (tmp_path / "s.jsonl.partial").exists()
 
 
