@@ -8,8 +8,10 @@ Two steps, so that large sets can be streamed:
 
 :func:`load_images` does both for a whole source. PNG pixels p ∈ {0 … 255} map to the generator's
 output range [low, high] as ``low + p/255 · (high − low)``, the inverse of ``flipad sample``'s
-quantisation. Arrays are read with ``allow_pickle=False``. Every failure names the file (for an
-array row, ``file.npy[i]``) and what was expected.
+quantisation. Float arrays are taken as already in the output range, and values outside it are
+refused unless their scale (``x_range``) or clipping (``clip``) is given (:func:`floats_to_range`).
+Arrays are read with ``allow_pickle=False``. Every failure names the file (for an array row,
+``file.npy[i]``) and what was expected.
 """
 
 from __future__ import annotations
@@ -148,20 +150,69 @@ def _groups(refs: Sequence[ImageRef]) -> Iterable[tuple[str, list[int]]]:
         start = stop
 
 
-def _to_range(pixels: np.ndarray, output_range, path: str, rows: Optional[list]) -> np.ndarray:
-    """uint8 pixels → float32 in ``output_range``; floats are checked for NaN/inf and kept.
-    ``rows``: the array rows of ``pixels`` (named in errors), None for an image file."""
+def _to_range(pixels: np.ndarray, output_range, path: str, rows: Optional[list], *,
+              x_range=None, clip: bool = False) -> np.ndarray:
+    """uint8 pixels → float32 in ``output_range``; floats are checked for NaN/inf and brought
+    into it by :func:`floats_to_range`. ``rows``: the array rows of ``pixels`` (named in
+    errors), None for an image file."""
     if pixels.dtype != np.uint8:
         finite = np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
         if not finite.all():
             bad = int(np.argmin(finite))
             name = path if rows is None else f"{path}[{rows[bad]}]"
             raise ValueError(f"{name}: holds NaN/inf values, expected finite pixels")
-        return pixels.astype(np.float32)
+        return floats_to_range(pixels, output_range, x_range=x_range, clip=clip,
+                               name=path if rows is None else f"{path}{_row_span(path, rows)}")
     if output_range is None:
         raise ValueError(f"{path}: 8-bit pixels need the generator's output range, and this "
                          "head has none (an identity head); pass float arrays instead")
     return pixels_to_range(pixels, output_range)
+
+
+def _row_span(path: str, rows: list) -> str:
+    return f"[{rows[0]}]" if len(rows) == 1 else f"[{rows[0]}..{rows[-1]}]"
+
+
+def floats_to_range(x, expected=(-1.0, 1.0), *, x_range=None, clip: bool = False,
+                    name: str = "x") -> np.ndarray:
+    """Float images as float32 in the ``expected`` range (the head's output range, [-1, 1] for
+    RawPAD / DCTPAD / SM-F), refusing values outside it rather than clipping them silently.
+
+    Args:
+      x: float array of any shape.
+      expected: ``(low, high)``; None (an unbounded head): x is returned as float32, and
+        ``x_range`` and ``clip`` are refused.
+      x_range: ``(lo, hi)``, the scale x is given in (e.g. ``(0, 255)``), mapped affinely onto
+        ``expected`` first; None: x is already on the ``expected`` scale.
+      clip: clip values outside the range into it on purpose; otherwise they are refused,
+        naming the range found and the one expected.
+      name: what x is, in errors.
+    """
+    x = np.asarray(x)
+    if expected is None:
+        if x_range is not None or clip:
+            raise ValueError(f"{name}: x_range={x_range!r}, clip={clip!r}: this head's images "
+                             "have no bounded range to map or clip onto; expected neither")
+        return x.astype(np.float32)
+    low, high = map(float, expected)
+    if x_range is not None:
+        lo, hi = map(float, x_range)
+        if not lo < hi:
+            raise ValueError(f"x_range={tuple(x_range)!r}: expected (low, high) with low < high")
+    else:
+        lo, hi = low, high
+    if not clip and x.size:
+        found = (float(x.min()), float(x.max()))
+        if found[0] < lo or found[1] > hi:
+            scale = "" if x_range is None else f" (x_range, mapped onto {(low, high)})"
+            raise ValueError(f"{name}: float values span [{found[0]:.6g}, {found[1]:.6g}], "
+                             f"expected [{lo:g}, {hi:g}]{scale}: pass x_range / --x-range LO,HI "
+                             "for the scale the values are in (e.g. 0,255), or clip / --clip to "
+                             "clip them on purpose")
+    x = np.asarray(x, np.float64)
+    if x_range is not None:
+        x = low + (x - lo) * ((high - low) / (hi - lo))
+    return np.clip(x, low, high).astype(np.float32)
 
 
 def pixels_to_range(pixels: np.ndarray, output_range=(-1.0, 1.0)) -> np.ndarray:
@@ -187,7 +238,8 @@ def perturb_refs(pixels: np.ndarray, names: Sequence[str], perturbation, seed: i
 
 def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
                 shape: Optional[Sequence[int]] = None, shape_from: str = "",
-                progress: bool = False, perturbation=None, seed: int = 0) -> np.ndarray:
+                progress: bool = False, perturbation=None, seed: int = 0, x_range=None,
+                clip: bool = False) -> np.ndarray:
     """The images of ``refs`` as float32 ``(len(refs), C, H, W)`` in ``output_range``.
 
     Args:
@@ -199,6 +251,9 @@ def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
       progress: show a progress bar.
       perturbation: a :class:`flipad_jax.perturbations.Perturbation` applied to the 8-bit pixels
         before they are decoded (:func:`perturb_refs`, noise seeded by ``seed``); None: none.
+      x_range, clip: how float arrays are brought into ``output_range`` (:func:`floats_to_range`:
+        mapped from the scale ``x_range``, clipped, or else refused when outside it); 8-bit
+        pixels always map from 0–255.
     """
     from tqdm.auto import tqdm
 
@@ -224,7 +279,7 @@ def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
         if perturbation is not None:
             pixels = perturb_refs(pixels, [r.name for r in refs[done:done + len(pixels)]],
                                   perturbation, seed)
-        parts.append(_to_range(pixels, output_range, path, rows))
+        parts.append(_to_range(pixels, output_range, path, rows, x_range=x_range, clip=clip))
         done += len(pixels)
         bar.update(len(pixels))
     bar.close()
@@ -234,8 +289,10 @@ def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
 
 
 def load_images(source, output_range=(-1.0, 1.0), *, shape: Optional[Sequence[int]] = None,
-                shape_from: str = "") -> np.ndarray:
+                shape_from: str = "", x_range=None, clip: bool = False) -> np.ndarray:
     """All images of ``source`` (see :func:`list_images`) as float32 ``(B, C, H, W)`` in
     ``output_range``: uint8 pixels (PNG files, uint8 arrays) are mapped to it, float arrays are
-    taken as already in it. ``shape``, ``shape_from``: as in :func:`read_images`."""
-    return read_images(list_images(source), output_range, shape=shape, shape_from=shape_from)
+    taken as already in it (or on the scale ``x_range``). ``shape``, ``shape_from``, ``x_range``,
+    ``clip``: as in :func:`read_images`."""
+    return read_images(list_images(source), output_range, shape=shape, shape_from=shape_from,
+                       x_range=x_range, clip=clip)
