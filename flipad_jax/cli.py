@@ -36,8 +36,9 @@ from flipad_jax.features import FeatureConfig
 # The CLI's defaults are the settings objects' (the paper's), read from one place.
 _FEATURES, _TRAINING = FeatureConfig(), DeepSADConfig()
 
-SRC_HELP = ("a folder of images, a glob pattern (quote it) or an .npy array (B, C, H, W): uint8 "
-            "pixels, or floats in the generator's output range")
+SRC_HELP = ("a folder of images, a glob pattern (quote it), an .npy array (B, C, H, W) of uint8 "
+            "pixels or floats in the generator's output range, or, for a "
+            "tabular head, a .csv of rows of numbers (header line optional)")
 
 INVERT_EXAMPLES = """\
 examples:
@@ -409,6 +410,7 @@ def _run_score(args) -> int:
                              "from the input files as they are, so expected float inputs "
                              "already in the detector's image range (drop --report, or map the "
                              "arrays first)")
+        _check_report_inputs(refs)
         check_new_path(args.report, overwrite=args.overwrite)
         check_detector(detector)
     sidecar = dict(detector=str(Path(args.detector).absolute()),
@@ -453,6 +455,16 @@ def _add_explain_parser(subparsers):
     return p
 
 
+def _check_report_inputs(refs) -> None:
+    from flipad_jax.images import TABLE_SUFFIX
+
+    tables = sorted({r.path for r in refs if r.path.lower().endswith(TABLE_SUFFIX)})
+    if tables:
+        raise ValueError(f"{tables[0]}: a {TABLE_SUFFIX} table: evidence reports record and show "
+                         "images, expected image files or .npy arrays (score the rows without "
+                         "--report)")
+
+
 def _write_report(args, detector, refs):
     from flipad_jax.evidence import write_report
 
@@ -469,9 +481,11 @@ def _run_explain(args) -> int:
     from flipad_jax._files import check_new_path
     from flipad_jax.images import list_images
 
+    refs = list_images(args.inputs)
+    _check_report_inputs(refs)
     check_new_path(args.report, overwrite=args.overwrite)
     detector, _ = _load_detector(args.detector, args.bundle)
-    for rec in _write_report(args, detector, list_images(args.inputs)):
+    for rec in _write_report(args, detector, refs):
         verdicts = ", ".join(f"fnr {d['fnr']:g}: {'G' if d['made_by_g'] else 'not G'}"
                              for d in rec["decisions"])
         print(f"  {rec['image']['name']}: score {rec['score']:.6g}, p {rec['p_value']:.4g} "

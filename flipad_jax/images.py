@@ -3,7 +3,8 @@
 Two steps, so that large sets can be streamed:
 
 * :func:`list_images` expands sources into a sorted list of :class:`ImageRef` (one per image
-  file, one per row of an ``.npy`` array) without reading pixels (``.npy`` headers only);
+  file, one per row of an ``.npy`` array or a ``.csv`` table) without reading pixels (``.npy``
+  headers only; a CSV is parsed and checked whole, :func:`flipad_jax.tabular.read_csv_rows`);
 * :func:`read_images` loads any slice of that list (``.npy`` rows through a memory map).
 
 :func:`load_images` does both for a whole source. PNG pixels p ∈ {0 … 255} map to the generator's
@@ -11,12 +12,14 @@ output range [low, high] as ``low + p/255 · (high − low)``, the inverse of ``
 quantisation. Float arrays are taken as already in the output range, and values outside it are
 refused unless their scale (``x_range``) or clipping (``clip``) is given (:func:`floats_to_range`).
 Arrays are read with ``allow_pickle=False``. Every failure names the file (for an array row,
-``file.npy[i]``) and what was expected.
+``file.npy[i]``, for a CSV row its line) and what was expected.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import os
 import zlib
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
@@ -24,20 +27,50 @@ from typing import Iterable, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+TABLE_SUFFIX = ".csv"  # rows of numbers, the inputs of tabular (Linear) heads
 GLOB_CHARS = "*?["
 
 
+def _is_table(path: str) -> bool:
+    return path.lower().endswith(TABLE_SUFFIX)
+
+
 class ImageRef(NamedTuple):
-    """One input image: an image file (``index == -1``) or row ``index`` of an ``.npy`` file.
-    Refs sort by (path, index), so array rows keep their order."""
+    """One input image: an image file (``index == -1``), row ``index`` of an ``.npy`` file, or
+    the row on line ``index`` of a ``.csv`` file. Refs sort by (path, index), so rows keep their
+    order."""
 
     path: str
     index: int = -1
 
     @property
     def name(self) -> str:
-        """``path`` for an image file, ``path[i]`` for an array row (the row's name in outputs)."""
-        return self.path if self.index < 0 else f"{self.path}[{self.index}]"
+        """The name in outputs: ``path`` for an image file, ``path[i]`` for an array row,
+        ``path:line`` for a CSV row."""
+        if self.index < 0:
+            return self.path
+        return f"{self.path}:{self.index}" if _is_table(self.path) else f"{self.path}[{self.index}]"
+
+
+def _rows_name(path: str, rows: list) -> str:
+    """How errors name rows ``rows`` of an array or CSV file."""
+    if _is_table(path):
+        return f"{path}: line {rows[0]}" + ("" if len(rows) == 1 else f"-{rows[-1]}")
+    return f"{path}[{rows[0]}]" if len(rows) == 1 else f"{path}[{rows[0]}..{rows[-1]}]"
+
+
+def _csv_rows(path) -> tuple[np.ndarray, np.ndarray]:
+    """(line numbers, float64 rows) of a CSV (:func:`flipad_jax.tabular.read_csv_rows`), parsed
+    once per version of the file: it is listed first, then read batch by batch."""
+    stat = os.stat(path)
+    return _parsed_csv(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_csv(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    from flipad_jax.tabular import read_csv_rows
+
+    return read_csv_rows(path)
 
 
 def _open_npy(path) -> np.ndarray:
@@ -87,6 +120,8 @@ def _expand(source: str, *, in_glob: bool = False) -> list[ImageRef]:
         return _folder_files(path)
     if path.is_file() and path.suffix == ".npy":
         return [ImageRef(source, i) for i in range(len(_open_npy(path)))]
+    if path.is_file() and _is_table(source):
+        return [ImageRef(source, int(line)) for line in _csv_rows(path)[0]]
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         return [ImageRef(source)]
     if in_glob:  # a match that is no image: skipped, as a folder skips such files
@@ -95,14 +130,15 @@ def _expand(source: str, *, in_glob: bool = False) -> list[ImageRef]:
         refs = [r for match in sorted(glob.glob(source)) for r in _expand(match, in_glob=True)]
         if not refs:
             raise ValueError(f"{source}: the glob pattern matches no images: expected it to "
-                             f"match image files ({', '.join(IMAGE_SUFFIXES)}), .npy arrays or "
-                             "folders of images")
+                             f"match image files ({', '.join(IMAGE_SUFFIXES)}), .npy arrays, "
+                             ".csv tables or folders of images")
         return refs
     if path.exists():
-        raise ValueError(f"{source}: not an image ({', '.join(IMAGE_SUFFIXES)}) or .npy file: "
-                         "expected a folder of images, a glob pattern or an .npy array")
+        raise ValueError(f"{source}: not an image ({', '.join(IMAGE_SUFFIXES)}), .npy or .csv "
+                         "file: expected a folder of images, a glob pattern, an .npy array or a "
+                         ".csv table")
     raise ValueError(f"{source}: no such file or folder: expected a folder of images, a glob "
-                     "pattern (quoted) or an .npy array")
+                     "pattern (quoted), an .npy array or a .csv table")
 
 
 def list_images(sources: Union[str, Path, Sequence[Union[str, Path]]]) -> list[ImageRef]:
@@ -111,7 +147,8 @@ def list_images(sources: Union[str, Path, Sequence[Union[str, Path]]]) -> list[I
     Args:
       sources: one or several of: a folder of 8-bit images (``.png``, ``.jpg``, ...), a glob
         pattern over such files, ``.npy`` arrays or folders, an ``.npy`` array ``(B, C, H, W)``
-        (one ref per row) or a single image file.
+        (one ref per row), a ``.csv`` table of numbers with an optional header line (one ref
+        per row, the input of a tabular head) or a single image file.
     """
     if isinstance(sources, (str, Path)):
         sources = [sources]
@@ -159,18 +196,14 @@ def _to_range(pixels: np.ndarray, output_range, path: str, rows: Optional[list],
         finite = np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
         if not finite.all():
             bad = int(np.argmin(finite))
-            name = path if rows is None else f"{path}[{rows[bad]}]"
+            name = path if rows is None else _rows_name(path, [rows[bad]])
             raise ValueError(f"{name}: holds NaN/inf values, expected finite pixels")
         return floats_to_range(pixels, output_range, x_range=x_range, clip=clip,
-                               name=path if rows is None else f"{path}{_row_span(path, rows)}")
+                               name=path if rows is None else _rows_name(path, rows))
     if output_range is None:
         raise ValueError(f"{path}: 8-bit pixels need the generator's output range, and this "
                          "head has none (an identity head); pass float arrays instead")
     return pixels_to_range(pixels, output_range)
-
-
-def _row_span(path: str, rows: list) -> str:
-    return f"[{rows[0]}]" if len(rows) == 1 else f"[{rows[0]}..{rows[-1]}]"
 
 
 def floats_to_range(x, expected=(-1.0, 1.0), *, x_range=None, clip: bool = False,
@@ -264,6 +297,8 @@ def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
     for path, rows in _groups(refs):
         if rows[0] < 0:
             pixels, rows = _read_image(path)[None], None
+        elif _is_table(path):
+            pixels = _read_csv_rows(path, rows)
         else:
             arr = _open_npy(path)
             if rows[-1] >= len(arr):
@@ -273,6 +308,9 @@ def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
             pixels = np.array(arr[rows[0]:rows[-1] + 1] if contiguous else arr[rows])
         if expected is None:
             expected, shape_from = pixels.shape[1:], f"like {path}"
+        if pixels.shape[1:] != expected and _is_table(path):
+            raise ValueError(f"{path}: line {rows[0]}: rows of {pixels.shape[1]} values, "
+                             f"expected {' x '.join(map(str, expected))} {shape_from}")
         if pixels.shape[1:] != expected:
             raise ValueError(f"{path}: image of shape (C, H, W) = {pixels.shape[1:]}, expected "
                              f"{expected} {shape_from} (mixed sizes or channel counts)")
@@ -286,6 +324,17 @@ def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
     if not parts:
         raise ValueError("refs=[]: expected at least one image")
     return np.concatenate(parts)
+
+
+def _read_csv_rows(path: str, lines: list) -> np.ndarray:
+    """The rows of ``path`` on ``lines`` (from :func:`list_images`), ``(len(lines), width)``."""
+    numbers, values = _csv_rows(path)
+    at = np.searchsorted(numbers, lines)
+    found = (at < len(numbers)) & (numbers[np.minimum(at, len(numbers) - 1)] == lines)
+    if not found.all():
+        raise ValueError(f"{path}: line {lines[int(np.argmin(found))]}: no such row (the file "
+                         "changed since it was listed)")
+    return values[at]
 
 
 def load_images(source, output_range=(-1.0, 1.0), *, shape: Optional[Sequence[int]] = None,
