@@ -245,7 +245,7 @@ def floats_to_range(x, expected=(-1.0, 1.0), *, x_range=None, clip: bool = False
     x = np.asarray(x, np.float64)
     if x_range is not None:
         x = low + (x - lo) * ((high - low) / (hi - lo))
-    return np.clip(x, low, high).astype(np.float32)
+    return np.clip(x, low, high).astype(np.float32)  # without clip, this only trims rounding
 
 
 def pixels_to_range(pixels: np.ndarray, output_range=(-1.0, 1.0)) -> np.ndarray:
