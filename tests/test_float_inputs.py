@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flipad_jax.cli import main
+from flipad_jax.detector import Detector
 from flipad_jax.features import dct_features, raw_features, residual_features
 from flipad_jax.images import floats_to_range
 from tests.test_cli_score import TINY, _conv_head_bundle, _images
@@ -60,8 +61,9 @@ def rawpad(tmp_path_factory):
     """A tiny RawPAD detector fitted through `flipad fit` and test images on three scales."""
     d = tmp_path_factory.mktemp("float_inputs")
     rng = np.random.default_rng(0)
-    np.save(d / "model.npy", _images(rng, 64, 0.5))
-    np.save(d / "other.npy", _images(rng, 64, 0.0))
+    for name, x in dict(model=_images(rng, 64, 0.5), other=_images(rng, 64, 0.0)).items():
+        np.save(d / f"{name}.npy", x)
+        np.save(d / f"{name}255.npy", _to_255(x))
     x = _images(rng, 12, 0.25)
     pixels = np.round(_to_255(x)).astype(np.uint8)
     for name, arr in dict(x=x, x255=_to_255(x), wide=1.5 * x, pixels=pixels,
@@ -71,6 +73,19 @@ def rawpad(tmp_path_factory):
                  "--other", str(d / "other.npy"), "--val-fraction", "0.34", "--out",
                  str(d / "det"), *TINY]) == 0
     return d
+
+
+def test_fit_with_x_range_fits_the_same_detector_and_says_so(rawpad, capsys):
+    fit = ["fit", "--features", "raw", "--size", "none", "--model", str(rawpad / "model255.npy"),
+           "--other", str(rawpad / "other255.npy"), "--val-fraction", "0.34", *TINY]
+    capsys.readouterr()
+    assert main(fit + ["--out", str(rawpad / "refused")]) == 1
+    assert "model255.npy[0..63]: float values span" in capsys.readouterr().err
+    assert main(fit + ["--out", str(rawpad / "det255"), "--x-range", "0,255"]) == 0
+    assert "float inputs mapped from [0, 255]" in capsys.readouterr().out
+    x = np.load(rawpad / "x.npy")
+    scores = [Detector.load(rawpad / name, progress=False).score(x) for name in ("det", "det255")]
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-4, atol=1e-6)
 
 
 def _scores(d, name, out, extra=()):
