@@ -71,6 +71,7 @@ def test_csv_rows_are_scored_like_the_same_rows_given_to_the_detector(tabular, t
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_takes_csv_sources(tabular, capsys):
     assert main(["evaluate", str(tabular / "det"), "--bundle", str(tabular / "head"),
                  "--model", str(tabular / "test.csv"), "--other",

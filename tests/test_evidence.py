@@ -157,6 +157,7 @@ def test_verify_detects_a_one_byte_change(raw, tmp_path, capsys, change):
             assert out.count("decisions.0.threshold: recorded") == 6
 
 
+@pytest.mark.slow
 def test_flipad_record_carries_the_lasso_certificate(tmp_path, capsys):
     bundle = _conv_head_bundle(tmp_path / "head", 0)
     head = fj.Head.load(bundle)

@@ -75,6 +75,7 @@ def rawpad(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_fit_with_x_range_fits_the_same_detector_and_says_so(rawpad, capsys):
     fit = ["fit", "--features", "raw", "--size", "none", "--model", str(rawpad / "model255.npy"),
            "--other", str(rawpad / "other255.npy"), "--val-fraction", "0.34", *TINY]
@@ -121,6 +122,7 @@ def test_uint8_pixels_map_from_0_255_whatever_x_range_says(rawpad, tmp_path):
     np.testing.assert_array_equal(flagged, plain)
 
 
+@pytest.mark.slow
 def test_evaluate_and_report_with_x_range(rawpad, tmp_path, capsys):
     assert main(["evaluate", str(rawpad / "det"), "--model", str(rawpad / "x255.npy"),
                  "--other", f"o={rawpad / 'x255.npy'}", "--x-range", "0,255", "--out",
