@@ -37,8 +37,8 @@ from flipad_jax.features import FeatureConfig
 _FEATURES, _TRAINING = FeatureConfig(), DeepSADConfig()
 
 SRC_HELP = ("a folder of images, a glob pattern (quote it), an .npy array (B, C, H, W) of uint8 "
-            "pixels or floats in the generator's output range, or, for a "
-            "tabular head, a .csv of rows of numbers (header line optional)")
+            "pixels or floats in the generator's output range, or, for a tabular head, a .csv "
+            "of rows of numbers (header line optional)")
 
 INVERT_EXAMPLES = """\
 examples:
