@@ -339,7 +339,7 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
             shown = [g] + others + ([TWINS[g]] if g in TWINS else [])
             t = time.perf_counter()
             feats = {s: det.features(images[s]["test"]) for s in shown}
-            scores = {s: det.score(f, precomputed=True) for s, f in feats.items()}
+            scores = {s: det.anomaly_score(f, precomputed=True) for s, f in feats.items()}
             _stage(timings, f"score {method}", t)
             for rec in metrics.evaluate(scores[g], {s: scores[s] for s in others},
                                         det.thresholds_):

@@ -28,15 +28,17 @@ import argparse
 import sys
 
 from flipad_jax import sminv as sminv_defaults
-from flipad_jax._argparse import add_output_flags, key_value, optional_int, subparser
+from flipad_jax._argparse import (add_output_flags, float_pair, key_value, optional_int,
+                                  subparser)
 from flipad_jax.deepsad import DeepSADConfig
 from flipad_jax.features import FeatureConfig
 
 # The CLI's defaults are the settings objects' (the paper's), read from one place.
 _FEATURES, _TRAINING = FeatureConfig(), DeepSADConfig()
 
-SRC_HELP = ("a folder of images, a glob pattern (quote it) or an .npy array (B, C, H, W): uint8 "
-            "pixels, or floats in the generator's output range")
+SRC_HELP = ("a folder of images, a glob pattern (quote it), an .npy array (B, C, H, W) of uint8 "
+            "pixels or floats in the generator's output range, or, for a tabular head, a .csv "
+            "of rows of numbers (header line optional)")
 
 INVERT_EXAMPLES = """\
 examples:
@@ -65,6 +67,7 @@ def _add_invert_parser(subparsers):
     p.add_argument("--tol", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_float_input_flags(p)
     p.set_defaults(func=_run_invert)
     return p
 
@@ -83,7 +86,7 @@ def _run_invert(args) -> int:
     out = Path(args.out if args.out.endswith(".npy") else args.out + ".npy")
     head = Head.load(args.bundle)
     images = load_images(args.images, head.output_range, shape=head.out_shape,
-                         shape_from="(the head's output)")
+                         shape_from="(the head's output)", **_float_inputs(args))
     options = LassoOptions.paper(head.op) if args.mode == "paper" else LassoOptions()
     changes = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol)) if v is not None}
     res = head.invert_batches(images, args.lam, batch_size=args.batch_size,
@@ -123,6 +126,28 @@ def _add_perturb_flags(p) -> None:
                         "(of 64, scaled to the image size), noise=0.05|0.1, jpeg=90|80")
     p.add_argument("--perturb-seed", type=int, default=0, metavar="S",
                    help="seed of --perturb noise (each image's noise also depends on its name)")
+
+
+def _add_float_input_flags(p) -> None:
+    p.add_argument("--x-range", type=float_pair, metavar="LO,HI",
+                   help="the scale of float array inputs, mapped onto the detector's image range "
+                        "(e.g. 0,255); default: they are in it already, and values outside it "
+                        "are refused. 8-bit pixels always map from 0-255")
+    p.add_argument("--clip", action="store_true",
+                   help="clip float inputs outside the image range into it on purpose instead "
+                        "of refusing them")
+
+
+def _float_inputs(args) -> dict:
+    return dict(x_range=args.x_range, clip=args.clip)
+
+
+def _float_input_note(args) -> str:
+    """What fit did to float inputs, for its summary line: the detector itself stores nothing of
+    it, as its inputs are always in its image range and the scale is a property of the files."""
+    if args.x_range is not None:
+        return f"; float inputs mapped from [{args.x_range[0]:g}, {args.x_range[1]:g}]"
+    return "; float inputs clipped into the image range" if args.clip else ""
 
 
 def _named_source(text: str) -> tuple:
@@ -240,6 +265,7 @@ def _add_fit_parser(subparsers):
     p.add_argument("--seed", type=int, default=_TRAINING.seed,
                    help="seed of the validation split, the network and the shuffling")
     _add_perturb_flags(p)
+    _add_float_input_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_run_fit)
     return p
@@ -277,11 +303,11 @@ def _run_fit(args) -> int:
     pixels = _pixel_range(head)
     shape, shape_from = (None, "") if head is None else (head.out_shape,
                                                          f"(the output of --bundle {args.bundle})")
-    perturb = dict(perturbation=args.perturb, seed=args.perturb_seed)
+    reading = dict(perturbation=args.perturb, seed=args.perturb_seed, **_float_inputs(args))
     x_model = read_images(model_refs, pixels, shape=shape, shape_from=shape_from,
-                          progress=not args.quiet, **perturb)
+                          progress=not args.quiet, **reading)
     like = dict(shape=x_model.shape[1:], shape_from=f"(the images of --model {model_src})",
-                progress=not args.quiet, **perturb)
+                progress=not args.quiet, **reading)
     x_val = read_images(val_refs, pixels, **like)
     x_other = read_images(list_images(args.other), pixels, **like)
     features = FeatureConfig(args.features, lam=args.lam, pool_to=args.pool_to, size=args.size,
@@ -296,7 +322,7 @@ def _run_fit(args) -> int:
     detector.fit(x_model, x_other, x_val)
     path = detector.save(args.out, overwrite=args.overwrite)
     print(f"wrote {path} ({args.features}: {len(x_model)} of G's images, {len(x_other)} others, "
-          f"{len(x_val)} for validation)")
+          f"{len(x_val)} for validation{_float_input_note(args)})")
     for fnr, tau in sorted(detector.thresholds_.items()):
         print(f"  threshold at fnr={fnr:g}: {tau:.6g}")
     return 0
@@ -316,7 +342,8 @@ def _fit_sm_inv2(args) -> int:
     gen = _load_generator(args.generator)
     x = read_images(list_images(args.model), gen.output_range, shape=gen.out_shape,
                     shape_from=f"(the output of --generator {args.generator})",
-                    progress=not args.quiet, perturbation=args.perturb, seed=args.perturb_seed)
+                    progress=not args.quiet, perturbation=args.perturb, seed=args.perturb_seed,
+                    **_float_inputs(args))
     det = SMInv2(gen, restarts=args.restarts, steps=args.steps, fnrs=args.fnr or DEFAULT_FNRS,
                  seed=args.seed, progress=not args.quiet).fit(x)
     det.save(args.out, overwrite=args.overwrite)
@@ -359,6 +386,7 @@ def _add_score_parser(subparsers):
                    help="also write an evidence report of these inputs to the new folder DIR "
                         "(scores them once more; see `flipad explain`)")
     _add_perturb_flags(p)
+    _add_float_input_flags(p)
     add_output_flags(p, "replace an existing OUT and --report DIR (and discard another run's "
                         "OUT.partial)")
     p.set_defaults(func=_run_score)
@@ -379,6 +407,12 @@ def _run_score(args) -> int:
     if args.report is not None:  # refused before scoring, not after
         from flipad_jax.evidence import check_detector
 
+        if args.x_range is not None or args.clip:
+            raise ValueError("--report with --x-range/--clip: an evidence record is recomputed "
+                             "from the input files as they are, so expected float inputs "
+                             "already in the detector's image range (drop --report, or map the "
+                             "arrays first)")
+        _check_report_inputs(refs)
         check_new_path(args.report, overwrite=args.overwrite)
         check_detector(detector)
     sidecar = dict(detector=str(Path(args.detector).absolute()),
@@ -386,7 +420,8 @@ def _run_score(args) -> int:
     path, resumed = scoring.write_scores(detector, refs, out, sidecar=sidecar,
                                          output_range=pixels, batch_size=args.batch_size,
                                          overwrite=args.overwrite, progress=not args.quiet,
-                                         perturbation=args.perturb, seed=args.perturb_seed)
+                                         perturbation=args.perturb, seed=args.perturb_seed,
+                                         **_float_inputs(args))
     print(f"wrote {path} ({len(refs)} rows" + (f", {resumed} of them resumed from an earlier run"
                                                if resumed else "") + ")")
     if args.report is not None:
@@ -423,6 +458,16 @@ def _add_explain_parser(subparsers):
     return p
 
 
+def _check_report_inputs(refs) -> None:
+    from flipad_jax.images import TABLE_SUFFIX
+
+    tables = sorted({r.path for r in refs if r.path.lower().endswith(TABLE_SUFFIX)})
+    if tables:
+        raise ValueError(f"{tables[0]}: a {TABLE_SUFFIX} table: evidence reports record and show "
+                         "images, expected image files or .npy arrays (score the rows without "
+                         "--report)")
+
+
 def _write_report(args, detector, refs):
     from flipad_jax.evidence import write_report
 
@@ -443,9 +488,11 @@ def _run_explain(args) -> int:
     from flipad_jax._files import check_new_path
     from flipad_jax.images import list_images
 
+    refs = list_images(args.inputs)
+    _check_report_inputs(refs)
     check_new_path(args.report, overwrite=args.overwrite)
     detector, _ = _load_detector(args.detector, args.bundle)
-    for rec in _write_report(args, detector, list_images(args.inputs)):
+    for rec in _write_report(args, detector, refs):
         verdicts = ", ".join(f"fnr {d['fnr']:g}: {'G' if d['made_by_g'] else 'not G'}"
                              for d in rec["decisions"])
         print(f"  {rec['image']['name']}: score {rec['score']:.6g}, p {rec['p_value']:.4g} "
@@ -509,6 +556,7 @@ def _add_evaluate_parser(subparsers):
     p.add_argument("--model-name", default="G", help="name of G in the table (default G)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     _add_perturb_flags(p)
+    _add_float_input_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_run_evaluate)
     return p
@@ -535,7 +583,7 @@ def _run_evaluate(args) -> int:
     scores = {name: scoring.score_all(detector, refs, output_range=pixels,
                                       batch_size=args.batch_size, progress=not args.quiet,
                                       desc=f"scoring {name}", perturbation=args.perturb,
-                                      seed=args.perturb_seed)
+                                      seed=args.perturb_seed, **_float_inputs(args))
               for name, refs in sources.items()}
     s_model = scores.pop(args.model_name)
     method = args.method_name or METHOD_NAMES[detector.kind]
@@ -548,6 +596,7 @@ def _run_evaluate(args) -> int:
         title=f"{method} detector of {args.model_name}",
         meta=dict(detector=str(args.detector), method=method, model=args.model_name,
                   perturb=None if args.perturb is None else str(args.perturb),
+                  **_float_inputs(args),
                   sources=dict([(args.model_name, args.model)] + list(args.other)),
                   counts={name: len(refs) for name, refs in sources.items()}))
     print(table)

@@ -29,6 +29,7 @@ def test_pull_away_term_closed_forms():
     assert float(_pull_away(codes)) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_every_family_trains_its_generator(arch):
     torch.manual_seed(0)

@@ -151,6 +151,7 @@ def test_raw_and_dct_detectors_fit_and_round_trip(kind, tmp_path):
                                   det.anomaly_score(x_other[:8]))
 
 
+@pytest.mark.slow
 def test_scoring_is_sharded_over_devices(tmp_path):
     """Eight host devices: sharded scores equal the single-device ones."""
     rng = np.random.default_rng(0)

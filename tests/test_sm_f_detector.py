@@ -36,6 +36,7 @@ def _to_float(pixels):
     return (pixels.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_sm_f_detector_finds_the_fingerprint_and_round_trips(data, tmp_path):
     det = fj.Detector("sm_f", fnrs=(0.005, 0.05), progress=False)
     det.fit(*(_to_float(data[k]) for k in ("model", "other", "val")))

@@ -89,6 +89,7 @@ def test_recovers_the_latent_of_a_sample_g_made(small):
     np.testing.assert_allclose(rec.z, z_true, atol=1e-4)  # and the latent itself
 
 
+@pytest.mark.slow
 def test_g_made_samples_score_below_real_images(demo_dcgan):
     z = np.random.default_rng(0).standard_normal((2, 100, 1, 1)).astype(np.float32)
     made = np.asarray(demo_dcgan(z))
