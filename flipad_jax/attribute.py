@@ -20,10 +20,12 @@ whose solver settings share the compiled parts (stop rule, restart, invert batch
 inverted together: :func:`invert_stacked` runs one compiled FISTA loop ``jax.vmap``-ed over
 the model axis of their stacked operator leaves; λ, step, tolerance, max_iter and start stay
 per model. Per-sample freezing makes each model's result what its own solve gives (to float
-rounding: the batched convolution sums in another order). On XLA:CPU the vmap of a
-convolution whose kernel is batched lowers to a grouped convolution that ran 10–30× slower
-than a loop of ungrouped ones (``benchmarks/attribute.py``), so stacking is off by default on
-the CPU backend and on elsewhere (``stack=None``).
+rounding: the batched convolution sums in another order; a certified stop that falls within
+that rounding of its bound may then come one iteration apart). On XLA:CPU the vmap of a
+convolution whose kernel is batched lowers to a grouped convolution, much slower than the
+ungrouped ones a loop runs: on the demo's four same-geometry heads the stacked solve took
+2.5–3.8× the loop's time (``benchmarks/attribute.py``). Stacking is therefore off by default
+on the CPU backend and on elsewhere (``stack=None``), where it has not been measured yet.
 """
 
 from __future__ import annotations
