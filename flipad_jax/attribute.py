@@ -13,7 +13,8 @@ Registry (a folder; :func:`add_entry` / ``flipad registry add`` build one)::
 ``<name>`` names the model in every output. :meth:`Registry.load` refuses a FLIPAD detector
 whose bundle is missing or is not its head (by the head fingerprint the detector saved), two
 entries whose bundles are the same files (the same bundle sha256: one generator, two
-detectors), detectors that decode 8-bit pixels to different ranges, and SM-Inv₂ detectors.
+detectors), detectors that decode 8-bit pixels to different ranges or take images of different
+shapes, and SM-Inv₂ detectors.
 
 Stacked inversion. FLIPAD heads of one geometry (same operator structure, shapes and dtypes)
 whose solver settings share the compiled parts (stop rule, restart, invert batch size) are
@@ -107,6 +108,32 @@ def _load_entry(folder: Path) -> Entry:
                  detector_digest(bundle_path) if has_bundle else None)
 
 
+def _entry_folders(path: Path) -> list:
+    return sorted(f for f in path.iterdir() if f.is_dir() and not f.name.startswith("."))
+
+
+def _entries(path: Path, folders: Mapping[str, Path]) -> tuple:
+    """The entries ``{name: folder}`` of the registry ``path``, loaded and checked together
+    (module docstring), sorted by name."""
+    entries = tuple(_load_entry(folders[name])._replace(name=name) for name in sorted(folders))
+    by_bundle: dict = {}
+    for e in entries:
+        if e.bundle_sha256 is None:
+            continue
+        if e.bundle_sha256 in by_bundle:
+            raise ValueError(f"registry {path}: two detectors for one bundle (sha256 "
+                             f"{e.bundle_sha256[:12]}…): {by_bundle[e.bundle_sha256]} and "
+                             f"{e.name}: expected one detector per generator")
+        by_bundle[e.bundle_sha256] = e.name
+    for what, of in (("decode 8-bit pixels to", pixel_range),
+                     ("take images of", lambda d: d.input_shape_)):
+        values = {e.name: of(e.detector) for e in entries}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"registry {path}: detectors {what} different values {values}: "
+                             "expected one for all entries")
+    return entries
+
+
 class Registry(NamedTuple):
     """A loaded registry folder (module docstring): entries sorted by name."""
 
@@ -117,26 +144,12 @@ class Registry(NamedTuple):
     def load(cls, path) -> "Registry":
         path = Path(path)
         if not path.is_dir():
-            raise ValueError(f"--registry {path}: not a folder: expected a registry folder "
+            raise ValueError(f"registry {path}: not a folder: expected a registry folder "
                              "(flipad registry add)")
-        entries = tuple(_load_entry(f) for f in sorted(path.iterdir())
-                        if f.is_dir() and not f.name.startswith("."))
+        entries = _entries(path, {f.name: f for f in _entry_folders(path)})
         if not entries:
-            raise ValueError(f"--registry {path}: no entries: expected folders "
+            raise ValueError(f"registry {path}: no entries: expected folders "
                              f"<name>/{DETECTOR_DIR} (and <name>/{BUNDLE_DIR})")
-        by_bundle: dict = {}
-        for e in entries:
-            if e.bundle_sha256 is None:
-                continue
-            if e.bundle_sha256 in by_bundle:
-                raise ValueError(f"--registry {path}: two detectors for one bundle (sha256 "
-                                 f"{e.bundle_sha256[:12]}…): {by_bundle[e.bundle_sha256]} and "
-                                 f"{e.name}: expected one detector per generator")
-            by_bundle[e.bundle_sha256] = e.name
-        ranges = {e.name: pixel_range(e.detector) for e in entries}
-        if len(set(ranges.values())) > 1:
-            raise ValueError(f"--registry {path}: detectors decode 8-bit pixels to different "
-                             f"ranges {ranges}: expected one range for all entries")
         return cls(path, entries)
 
     @property
@@ -155,12 +168,13 @@ class Registry(NamedTuple):
 def add_entry(registry, name: str, *, detector, bundle=None, overwrite: bool = False) -> Path:
     """Copy a detector folder (and its head bundle) into ``registry/name``, atomically.
 
-    The detector is loaded with the bundle first (a bundle that is not its head is refused) and
-    the registry with the new entry is loaded before it is moved in, so every refusal of
-    :meth:`Registry.load` (a second detector for one bundle, ...) leaves the registry as it was.
-    Returns the entry's folder.
+    The entry is staged in a hidden folder of the registry and the registry is checked with it
+    as :meth:`Registry.load` checks (its bundle is the detector's head; no other entry holds the
+    same bundle; one pixel range and image shape) before it is moved in, so a refusal leaves
+    the registry as it was. With ``overwrite`` an existing entry ``name`` is replaced. Returns
+    the entry's folder.
     """
-    if not name or name.startswith(".") or "/" in name or name in (".", ".."):
+    if not name or name.startswith(".") or "/" in name:
         raise ValueError(f"name={name!r}: expected a folder name (no '/', not hidden)")
     registry = Path(registry)
     target = check_new_path(registry / name, overwrite=overwrite)
@@ -168,18 +182,8 @@ def add_entry(registry, name: str, *, detector, bundle=None, overwrite: bool = F
         shutil.copytree(detector, tmp / DETECTOR_DIR)
         if bundle is not None:
             shutil.copytree(bundle, tmp / BUNDLE_DIR)
-        new = _load_entry(tmp)
-        staged = [_load_entry(f) for f in sorted(registry.iterdir())
-                  if f.is_dir() and not f.name.startswith(".") and f.name != name]
-        for other in staged:
-            if new.bundle_sha256 is not None and other.bundle_sha256 == new.bundle_sha256:
-                raise ValueError(f"--bundle {bundle}: the bundle of registry entry {other.name} "
-                                 f"(sha256 {new.bundle_sha256[:12]}…): expected one detector "
-                                 "per generator")
-        ranges = {pixel_range(e.detector) for e in staged} | {pixel_range(new.detector)}
-        if len(ranges) > 1:
-            raise ValueError(f"--detector {detector}: decodes pixels to {pixel_range(new.detector)}"
-                             f", the registry's entries to another range: expected one range")
+        folders = {f.name: f for f in _entry_folders(registry)}
+        _entries(registry, {**folders, name: tmp})
     return target
 
 

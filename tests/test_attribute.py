@@ -201,7 +201,7 @@ def test_refusals_name_the_value_and_write_nothing(world, tmp_path, capsys):
     before = sorted(p.name for p in (d / "registry").iterdir())
     assert main(["registry", "add", str(d / "registry"), "A_again", "--detector",
                  str(d / "det/A"), "--bundle", str(d / "bundles/A")]) == 1
-    assert "the bundle of registry entry A" in _error(capsys)
+    assert "two detectors for one bundle" in _error(capsys)
     assert sorted(p.name for p in (d / "registry").iterdir()) == before
     # a detector whose bundle is missing
     shutil.rmtree(reg / "A_again")
