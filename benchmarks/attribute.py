@@ -14,12 +14,17 @@ Per batch size, warm (every compiled shape run once first), repeated side by sid
   solve for the four same-geometry heads; LSGAN's own solve).
 
 Reports medians, the ratio loop / stacked (> 1: stacking is faster), and the largest difference
-between the two paths' solutions.
+between the two paths' solutions. Then a probe of where the time goes: one forward + adjoint
+pair of the four same-geometry operators per batch size, as a loop, vmapped (XLA lowers the
+batched kernel to a grouped convolution) and as one block-diagonal dense ConvTranspose2d
+(models stacked along the channels: no grouping, M× the multiply-adds), each the mean of 30
+warm calls.
 
-    python benchmarks/attribute.py --batches 8,64,256 --out benchmarks/results/attribute_cpu.json
+    python benchmarks/attribute.py --batches 8,64 --out benchmarks/results/attribute_cpu.json
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flipad_jax.attribute import geometry_key, invert_stacked
@@ -67,6 +73,37 @@ def run_stacked(groups, x):
         else:
             out.append(invert_stacked(group, x, [LAM] * len(group), [OPTIONS] * len(group)).z)
     return [z for block in out for z in block]
+
+
+@jax.jit
+def _pair(op, z):
+    return op.adjoint(op.apply(z))
+
+
+def _mean_ms(fn, *args, n=30):
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(n):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return 1000 * (time.perf_counter() - start) / n
+
+
+def operator_probe(ops, batch: int) -> dict:
+    """ms per forward + adjoint pair of M ConvTranspose2d (groups 1, no bias) three ways."""
+    m, (c_in, c_out) = len(ops), ops[0].weight.shape[:2]
+    z = jnp.ones((m, batch) + tuple(ops[0].to_internal(jnp.ones((1,) + ops[0].in_shape)).shape[1:]))
+    leaves, treedef = jax.tree_util.tree_flatten(ops[0])
+    stacked = [jnp.stack(ls) for ls in zip(*(jax.tree_util.tree_leaves(op) for op in ops))]
+    vmapped = jax.jit(jax.vmap(lambda ls, z: _pair(jax.tree_util.tree_unflatten(treedef, ls), z)))
+    dense = np.zeros((m * c_in, m * c_out) + ops[0].weight.shape[2:], np.float32)
+    for k, op in enumerate(ops):
+        dense[k * c_in:(k + 1) * c_in, k * c_out:(k + 1) * c_out] = np.asarray(op.weight)
+    block = dataclasses.replace(ops[0], weight=jnp.asarray(dense))
+    z_block = jnp.moveaxis(z, 0, -2).reshape(z.shape[1:-1] + (m * c_in,))
+    return dict(batch=batch, loop_ms=sum(_mean_ms(_pair, op, z[0]) for op in ops),
+                vmapped_ms=_mean_ms(vmapped, stacked, z),
+                block_diagonal_ms=_mean_ms(_pair, block, z_block))
 
 
 def timed(fn, *args):
@@ -115,7 +152,13 @@ def main():
               f"loop/stacked {row['ratio_loop_over_stacked']:.2f}x, max |dz| {diff:.2e}",
               flush=True)
 
-    result = dict(groups=group_names, lam=LAM, options=OPTIONS.to_json(), rows=rows,
+    probe = [operator_probe([h.op for h in max(groups, key=len)], b) for b in
+             (int(b) for b in args.batches.split(","))]
+    for row in probe:
+        print(f"batch {row['batch']:4d}, one forward + adjoint of the group: loop "
+              f"{row['loop_ms']:.2f} ms, vmapped {row['vmapped_ms']:.2f} ms, block-diagonal "
+              f"{row['block_diagonal_ms']:.2f} ms", flush=True)
+    result = dict(groups=group_names, lam=LAM, options=OPTIONS.to_json(), rows=rows, probe=probe,
                   backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
                   cpu_count=os.cpu_count(), load_average=os.getloadavg(),
                   jax=jax.__version__, python=sys.version.split()[0],
@@ -123,7 +166,7 @@ def main():
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "probe")}))
 
 
 if __name__ == "__main__":
