@@ -14,7 +14,8 @@ Registry (a folder; :func:`add_entry` / ``flipad registry add`` build one)::
 whose bundle is missing or is not its head (by the head fingerprint the detector saved), two
 entries whose bundles are the same files (the same bundle sha256: one generator, two
 detectors), detectors that decode 8-bit pixels to different ranges or take images of different
-shapes, and SM-Inv₂ detectors.
+shapes (a FLIPAD detector fitted on precomputed features, as the demo's, takes its head's
+output shape; other such detectors are refused), and SM-Inv₂ detectors.
 
 Stacked inversion. FLIPAD heads of one geometry (same operator structure, shapes and dtypes)
 whose solver settings share the compiled parts (stop rule, restart, invert batch size) are
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flipad_jax._checks import check_positive
+from flipad_jax._checks import check_int, check_positive
 from flipad_jax._files import atomic_dir, check_new_path
 from flipad_jax._partial import CsvRows, JsonlRows, PartialOutput
 from flipad_jax.evidence import pixel_range
@@ -103,9 +104,21 @@ def _load_entry(folder: Path) -> Entry:
         detector = Detector.load(det_path, head=head, progress=False)
     except HeadMismatchError as error:
         raise ValueError(f"{bundle_path} is not the bundle of {det_path}: {error}") from None
+    if image_shape(detector) is None:
+        raise ValueError(f"{det_path}: fitted on precomputed features without a head, so the "
+                         "images it takes are unknown: expected a detector fitted on images "
+                         "(flipad fit) or a FLIPAD one")
     return Entry(folder.name, detector, det_path, detector_digest(det_path),
                  bundle_path if has_bundle else None,
                  detector_digest(bundle_path) if has_bundle else None)
+
+
+def image_shape(detector) -> Optional[tuple]:
+    """The per-image shape a detector takes: the one it was fitted on, else (FLIPAD features
+    fitted precomputed, as the demo does) its head's output shape; None if neither is known."""
+    if detector.input_shape_ is not None:
+        return tuple(detector.input_shape_)
+    return None if detector.head is None else tuple(detector.head.out_shape)
 
 
 def _entry_folders(path: Path) -> list:
@@ -126,7 +139,7 @@ def _entries(path: Path, folders: Mapping[str, Path]) -> tuple:
                              f"{e.name}: expected one detector per generator")
         by_bundle[e.bundle_sha256] = e.name
     for what, of in (("decode 8-bit pixels to", pixel_range),
-                     ("take images of", lambda d: d.input_shape_)):
+                     ("take images of shape", image_shape)):
         values = {e.name: of(e.detector) for e in entries}
         if len(set(values.values())) > 1:
             raise ValueError(f"registry {path}: detectors {what} different values {values}: "
@@ -163,6 +176,10 @@ class Registry(NamedTuple):
     @property
     def output_range(self):
         return pixel_range(self.entries[0].detector)
+
+    @property
+    def image_shape(self) -> tuple:
+        return image_shape(self.entries[0].detector)
 
 
 def add_entry(registry, name: str, *, detector, bundle=None, overwrite: bool = False) -> Path:
@@ -298,9 +315,9 @@ def scores_many(detectors: Sequence, x, *, stack: Optional[bool] = None) -> np.n
     of one geometry share a stacked inversion; the others are scored one by one."""
     stack = default_stack() if stack is None else stack
     for d in detectors:
-        if tuple(np.shape(x)[1:]) != d.input_shape_:
+        if image_shape(d) not in (None, tuple(np.shape(x)[1:])):
             raise ValueError(f"x has per-sample shape {tuple(np.shape(x)[1:])}: expected "
-                             f"{d.input_shape_}, the image shape every detector was fitted on")
+                             f"{image_shape(d)}, the image shape of every detector")
     scores: list = [None] * len(detectors)
     groups: dict = {}
     for m, d in enumerate(detectors):
@@ -397,9 +414,7 @@ def write_attribution(registry: Registry, refs: Sequence, out, *, sidecar: dict,
     sidecar = dict(sidecar, inputs_sha256=scoring.inputs_digest(names), n_inputs=len(names),
                    perturb=None if perturbation is None else [str(perturbation), seed])
     detectors = registry.detectors
-    for d in detectors:
-        scoring.score_batches(d, [], batch_size=batch_size)  # checks the arguments
-    shape = detectors[0].input_shape_
+    check_int("--batch-size", batch_size)
     with PartialOutput(out, fmt, sidecar, overwrite=overwrite) as sink:
         done = set(sink.done)
         if len(done) != len(sink.done) or not done <= set(names):
@@ -409,7 +424,7 @@ def write_attribution(registry: Registry, refs: Sequence, out, *, sidecar: dict,
                   unit="img") as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                x = read_images(batch, registry.output_range, shape=shape,
+                x = read_images(batch, registry.output_range, shape=registry.image_shape,
                                 shape_from="(the registry's input shape)",
                                 perturbation=perturbation, seed=seed)
                 scores = scores_many(detectors, x, stack=stack)
