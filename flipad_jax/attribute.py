@@ -47,8 +47,8 @@ from flipad_jax._checks import check_int, check_positive
 from flipad_jax._files import atomic_dir, check_new_path
 from flipad_jax._partial import CsvRows, JsonlRows, PartialOutput
 from flipad_jax.evidence import pixel_range
-from flipad_jax.features import max_pool_to
-from flipad_jax.lasso import LassoOptions, Status, _fista
+from flipad_jax.features import check_solved, max_pool_to
+from flipad_jax.lasso import LassoOptions, _fista
 from flipad_jax.metrics import p_values
 from flipad_jax.sharding import device_batches
 
@@ -215,21 +215,21 @@ class StackedInversion(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("treedef", "restart", "stop"))
-def _solve_stacked(leaves, o, anchor, lam, start_at_anchor, step, tol, max_iter, *, treedef,
+def _solve_stacked(leaves, o, anchor, lam, reference_start, step, tol, max_iter, *, treedef,
                    restart, stop):
-    def one(leaves, o, anchor, lam, start_at_anchor, step, tol, max_iter):
+    def one(leaves, o, anchor, lam, reference_start, step, tol, max_iter):
         # solve_lasso's substitution δ = z − z̄, r = o − b − A z̄, per model
         op = jax.tree_util.tree_unflatten(treedef, leaves)
         anchor = anchor[None]
         r = op.out_to_internal(o - op.affine(anchor))
-        delta0 = jnp.broadcast_to(jnp.where(start_at_anchor, anchor, 0), (o.shape[0],) +
-                                  anchor.shape[1:])
+        delta0 = jnp.broadcast_to(jnp.where(reference_start, anchor, 0), (o.shape[0],) +
+                                  anchor.shape[1:])  # δ₀ = z̄ (z₀ = 2z̄) or 0
         delta, iterations, *_, status = _fista(
             op, r, jnp.broadcast_to(lam, o.shape[:1]), op.to_internal(delta0), step, tol,
             max_iter, restart=restart, stop=stop)
         return op.from_internal(delta) + anchor, iterations, status
 
-    return jax.vmap(one)(leaves, o, anchor, lam, start_at_anchor, step, tol, max_iter)
+    return jax.vmap(one)(leaves, o, anchor, lam, reference_start, step, tol, max_iter)
 
 
 def geometry_key(head, options: LassoOptions, batch_size: int = 0) -> tuple:
@@ -267,7 +267,7 @@ def invert_stacked(heads: Sequence, x, lams: Sequence[float],
             lipschitz = check_positive("lipschitz", h.lipschitz or h.op.lipschitz())
             steps.append(1.0 / (opts.lipschitz_margin * lipschitz))
     dtype = o.dtype
-    leaves, treedef = jax.tree_util.tree_flatten(heads[0].op)
+    treedef = jax.tree_util.tree_structure(heads[0].op)
     leaves = [jnp.stack(ls) for ls in zip(*(jax.tree_util.tree_leaves(h.op) for h in heads))]
     lam = jnp.asarray([check_positive("lam", v, allow_zero=True) for v in lams], dtype)
     z, iterations, status = _solve_stacked(
@@ -293,15 +293,9 @@ def _stacked_features(detectors: Sequence, x) -> list:
                              [c.lasso for c in configs])
         parts.append((res.z[:, :size], res.status[:, :size]))
     z, status = (np.concatenate(a, axis=1) for a in zip(*parts))
-    out = []
-    for c, z_m, status_m in zip(configs, z, status):
-        bad = status_m == Status.NONFINITE
-        if bad.any():
-            raise ValueError(f"images: the inversion of {int(bad.sum())} image(s) (indices "
-                             f"{np.flatnonzero(bad)[:10].tolist()}) went non-finite: expected "
-                             "finite activations")
-        out.append(np.array(max_pool_to(z_m, c.pool_to), np.float32))
-    return out
+    for status_m in status:
+        check_solved(status_m)
+    return [np.array(max_pool_to(z_m, c.pool_to), np.float32) for c, z_m in zip(configs, z)]
 
 
 def default_stack() -> bool:

@@ -217,3 +217,11 @@ def test_refusals_name_the_value_and_write_nothing(world, tmp_path, capsys):
     for bad, expected in ((["--alpha", "1.5"], "alpha=1.5"), (["--shard", "3/3"], "--shard")):
         assert _attribute(d, d / "test.npy", out=tmp_path / "y.jsonl", extra=bad) == 1
         assert expected in _error(capsys)
+
+
+def test_a_non_finite_inversion_is_refused_naming_the_images():
+    from flipad_jax.features import check_solved
+
+    check_solved(np.array([fj.Status.CONVERGED, fj.Status.MAX_ITER]))
+    with pytest.raises(ValueError, match=r"1 image\(s\) \(indices \[1\]\) went non-finite"):
+        check_solved(np.array([fj.Status.MAX_ITER, fj.Status.NONFINITE]))
