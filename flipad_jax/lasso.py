@@ -11,11 +11,13 @@ iteration times a small safety margin) FISTA (Beck & Teboulle 2009) reads
     δ⁺ = soft(y − s ∇f(y), λ s)                    soft(v, τ) = sign(v) max(|v| − τ, 0)
     t⁺ = (1 + √(1 + 4t²)) / 2,    y⁺ = δ⁺ + ((t − 1)/t⁺)(δ⁺ − δ)
 
-Each iteration costs one A and one Aᵀ, for ∇f(y) = Aᵀ(Ay − r). The residual Ay − r and the
-gradient then give, for free, the objective, the KKT residual and a duality gap at y: the gap
-rule certifies (and returns) the point y the gradient was taken at. The change rules return the
-iterate δ, as the reference does. Either way the certificates reported are recomputed at the
-returned point.
+Each iteration costs one A and one Aᵀ. They are applied to the new iterate δ⁺, not to y: the
+loop keeps ∇f(δ) of the last two iterates, and since ∇f is affine the gradient at the
+extrapolated point is ∇f(y) = ∇f(δ) + β(∇f(δ) − ∇f(δ_prev)) without another operator call. So
+the residual Aδ⁺ − r and ∇f(δ⁺) give, at no extra cost, the objective, the KKT residual and the
+duality gap at the iterate δ⁺ itself, which every stop rule returns. δ⁺ is a proximal point, so
+it is exactly sparse (coordinates with |y − s∇f(y)| ≤ λs are exactly 0), and with the gap rule
+the certificate is that of the features handed on, not of a nearby dense point.
 
 Restart (O'Donoghue & Candès 2015, gradient scheme), per sample: when
 ⟨y − δ⁺, δ⁺ − δ⟩ > 0 the momentum points uphill; set t⁺ = 1 and y⁺ = δ⁺.
@@ -29,13 +31,13 @@ Certificates, per sample, at a point δ (ρ = r − Aδ, g = −Aᵀρ = ∇f(δ
 
 Stopping rules (``stop=``), each checked after every iteration:
 
-* ``"gap"`` (default): a sample stops when gap(y) ≤ tol · P(y) + ε · ½‖r‖²: its objective is
+* ``"gap"`` (default): a sample stops when gap(δ⁺) ≤ tol · P(δ⁺) + ε · ½‖r‖²: its objective is
   certified within a relative ``tol`` of the optimum. The second term (ε the dtype's machine
   epsilon, ½‖r‖² = P(z̄) the objective at the anchor) is the rounding level of the gap itself;
   it lets exactly solvable problems (P* = 0) stop and is far below ``tol`` · P otherwise.
   For λ = 0 (least squares) the scaled dual point is 0 and the gap never closes, so samples
   whose λ is at rounding level (λ ≤ ε · ‖Aᵀr‖∞, ‖Aᵀr‖∞ being the λ above which δ = 0 is
-  optimal) may also stop on the KKT residual: ‖∇f(y)‖∞ ≤ tol · ‖Aᵀr‖∞.
+  optimal) may also stop on the KKT residual: ‖∇f(δ⁺)‖∞ ≤ tol · ‖Aᵀr‖∞.
   The certificate is pessimistic on these high-dimensional problems: on the DCGAN layer
   (float32, CPU) stopping at a certified relative gap of 1e-3 took up to 2155 iterations (mean
   1676, batch of 16; ``benchmarks/results/solver_cpu.json``), while the true relative
@@ -46,6 +48,16 @@ Stopping rules (``stop=``), each checked after every iteration:
 * ``"change"``: a sample stops when mean |δ⁺ − δ| ≤ tol (no certificate inside the loop).
 * ``"reference"``: the reference implementation's rule: the whole batch stops when the max over
   samples of mean |δ⁺ − δ| ≤ tol.
+
+Gradients (``jax.grad``/``jax.vjp`` through :func:`solve_lasso`, with respect to o, λ, z̄ and
+the operator's weight and bias) are those of the exact minimiser, by implicit differentiation on
+its support S = {j : δⱼ ≠ 0}: S is taken as locally constant, δ stays 0 off S (so ∂zⱼ/∂o = 0
+and ∂zⱼ/∂z̄ⱼ = 1 there, the one-sided choice at the boundary |∇ⱼf| = λ), and on S
+dδ_S = −(A_SᵀA_S)⁻¹ dF_S for the optimality conditions F_S = [Aᵀ(Aδ − r)]_S + λ sign δ_S = 0,
+solved by conjugate gradients. They are meaningful for a converged solve with a unique solution
+(A_S of full column rank; a capped solve's dense iterate has no such S). The certificates in the
+result are recomputed from the solution, so e.g. the objective's gradient is the total one.
+The step size does not change the minimiser and is not differentiated.
 
 Samples that stop are frozen (their state no longer changes) while the others go on; ``max_iter``
 bounds the loop. Every setting lives in :class:`LassoOptions`, whose defaults are ours (step 1/L,
@@ -65,6 +77,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from flipad_jax._checks import (check_batch, check_finite, check_floating, check_int,
@@ -185,7 +198,10 @@ class LassoResult(NamedTuple):
 
 class _State(NamedTuple):
     delta: jax.Array      # iterate δ (internal layout)
-    y: jax.Array          # extrapolated point, where the gradient is evaluated
+    grad: jax.Array       # ∇f(δ)
+    delta_prev: jax.Array  # the previous iterate and its gradient, for the extrapolation
+    grad_prev: jax.Array
+    beta: jax.Array       # (B,) momentum weight of the next extrapolation
     t: jax.Array          # (B,) momentum parameter
     active: jax.Array     # (B,) bool, still iterating
     iterations: jax.Array
@@ -228,8 +244,7 @@ def _certificates(delta, residual, grad, lam):
 def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
     """The FISTA loop on internal-layout arrays; see the module docstring.
 
-    Returns the solution (internal layout) and per-sample iterations, objective, gap, KKT
-    residual and status, the certificates evaluated at the returned point.
+    Returns the solution (internal layout) and the per-sample iterations and status.
     """
     dtype = r.dtype
     step = jnp.asarray(step, dtype)
@@ -248,53 +263,120 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
         return (s.k < max_iter) & jnp.any(s.active)
 
     def body(s):
-        residual, grad = residual_and_grad(s.y)
-        delta = _soft_threshold(s.y - step * grad, _bcast(lam * step, s.y))
+        beta = _bcast(s.beta, s.delta)
+        y = s.delta + beta * (s.delta - s.delta_prev)
+        grad_y = s.grad + beta * (s.grad - s.grad_prev)  # ∇f is affine: no operator call
+        delta = _soft_threshold(y - step * grad_y, _bcast(lam * step, y))
+        residual, grad = residual_and_grad(delta)
 
         t_next = (1 + jnp.sqrt(1 + 4 * s.t * s.t)) / 2
-        beta = (s.t - 1) / t_next
+        beta_next = (s.t - 1) / t_next
         if restart:
-            uphill = _per_sample_sum((s.y - delta) * (delta - s.delta)) > 0
+            uphill = _per_sample_sum((y - delta) * (delta - s.delta)) > 0
             t_next = jnp.where(uphill, 1, t_next)
-            beta = jnp.where(uphill, 0, beta)
-        y = delta + _bcast(beta, delta) * (delta - s.delta)
+            beta_next = jnp.where(uphill, 0, beta_next)
 
         if stop == "gap":
-            # Certify the point the gradient was taken at; a certified y is kept as it is.
-            objective, gap, kkt = _certificates(s.y, residual, grad, lam)
+            objective, gap, kkt = _certificates(delta, residual, grad, lam)
             negligible_lam = lam <= jnp.finfo(dtype).eps * grad_scale
             done = (gap <= tol * objective + rounding) | \
                 (negligible_lam & (kkt <= tol * grad_scale))
             nonfinite = ~jnp.isfinite(objective)
-            step_taken = s.active & ~done & ~nonfinite
         else:
             change = _per_sample_sum(jnp.abs(delta - s.delta)) / math.prod(op.in_shape)
             done = change <= tol
             if stop == "reference":
                 done = jnp.broadcast_to(jnp.max(change) <= tol, done.shape)
             nonfinite = ~jnp.isfinite(change)
-            step_taken = s.active
         status = jnp.where(nonfinite, Status.NONFINITE,
                            jnp.where(done, Status.CONVERGED, s.status))
+        # A sample that stops keeps the iterate that met the rule; a non-finite step is not kept.
+        step_taken = s.active & ~nonfinite
         keep = _bcast(step_taken, delta)
-        return _State(delta=jnp.where(keep, delta, s.delta), y=jnp.where(keep, y, s.y),
+        return _State(delta=jnp.where(keep, delta, s.delta), grad=jnp.where(keep, grad, s.grad),
+                      delta_prev=jnp.where(keep, s.delta, s.delta_prev),
+                      grad_prev=jnp.where(keep, s.grad, s.grad_prev),
+                      beta=jnp.where(step_taken, beta_next, s.beta),
                       t=jnp.where(step_taken, t_next, s.t),
                       active=s.active & ~done & ~nonfinite,
                       iterations=s.iterations + s.active.astype(jnp.int32),
                       status=jnp.where(s.active, status, s.status), k=s.k + 1)
 
-    state = _State(delta=delta0, y=delta0, t=jnp.ones((batch,), dtype),
+    grad0 = residual_and_grad(delta0)[1]
+    state = _State(delta=delta0, grad=grad0, delta_prev=delta0, grad_prev=grad0,
+                   beta=jnp.zeros((batch,), dtype), t=jnp.ones((batch,), dtype),
                    active=jnp.ones((batch,), bool), iterations=jnp.zeros((batch,), jnp.int32),
                    status=jnp.full((batch,), Status.MAX_ITER, jnp.int32), k=jnp.zeros((), jnp.int32))
     final = lax.while_loop(cond, body, state)
-    # The gap rule certifies y; the change rules, like the reference, return the iterate δ.
-    solution = final.y if stop == "gap" else final.delta
-    objective, gap, kkt = _certificates(solution, *residual_and_grad(solution), lam)
-    return solution, final.iterations, objective, gap, kkt, final.status
+    return final.delta, final.iterations, final.status
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _minimiser(op, r, lam, delta0, config):
+    """δ* = argmin ½‖Aδ − r‖² + λ‖δ‖₁ (internal layout) with the loop's iterations and status;
+    ``config`` = (step, tol, max_iter, restart, stop). Differentiable in op, r and λ by implicit
+    differentiation (:func:`_minimiser_bwd`); δ* does not depend on the start δ0."""
+    step, tol, max_iter, restart, stop = config
+    return _fista(op, r, lam, delta0, step, tol, max_iter, restart=restart, stop=stop)
+
+
+def _minimiser_fwd(op, r, lam, delta0, config):
+    out = _minimiser(op, r, lam, delta0, config)
+    return out, (op, r, lam, out[0])
+
+
+@jax.jit
+def _minimiser_bwd_core(op, r, lam, delta, v):
+    # On the support S = {δ ≠ 0} the optimality conditions F_S = [Aᵀ(Aδ − r)]_S + λ sign δ_S = 0
+    # hold and the support is locally constant, so dδ_S = −H⁻¹ dF_S with H = A_SᵀA_S and δ stays
+    # 0 off S. The pullback of v is then −∇_(op, r, λ) ⟨w, F⟩ at fixed δ, w = H⁻¹ v_S (0 off S).
+    support = (delta != 0).astype(delta.dtype)
+
+    def normal(u):
+        return support * op.adjoint(op.apply(support * u))
+
+    tol = jnp.finfo(delta.dtype).eps ** 0.75
+    w, _ = jax.scipy.sparse.linalg.cg(normal, support * v, tol=tol)
+    w = support * w
+
+    def inner(op, r, lam):
+        return jnp.sum(op.apply(w) * (op.apply(delta) - r)) + \
+            jnp.sum(_bcast(lam, delta) * w * jnp.sign(delta))
+
+    return jax.tree.map(jnp.negative, jax.grad(inner, argnums=(0, 1, 2))(op, r, lam))
+
+
+def _minimiser_bwd(config, residuals, cotangents):
+    op, r, lam, delta = residuals
+    d_op, d_r, d_lam = _minimiser_bwd_core(op, r, lam, delta, cotangents[0])
+    return d_op, d_r, d_lam, jnp.zeros_like(delta)
+
+
+_minimiser.defvjp(_minimiser_fwd, _minimiser_bwd)
+
+
+@jax.jit
+def _certify(op, r, lam, delta):
+    """Objective, duality gap and KKT residual at δ (internal layout), per sample."""
+    residual = op.apply(delta) - r
+    return _certificates(delta, residual, op.adjoint(residual), lam)
+
+
+class LassoNotConverged(RuntimeError):
+    """Raised by ``solve_lasso(..., throw=True)`` when a sample did not meet the stop rule;
+    ``result`` holds the :class:`LassoResult` all the same."""
+
+    def __init__(self, result: "LassoResult"):
+        self.result = result
+        status = np.asarray(result.status)
+        parts = [f"{int(np.sum(status == s))} of {status.size} sample(s) {s.message}"
+                 for s in (Status.MAX_ITER, Status.NONFINITE) if np.any(status == s)]
+        super().__init__("; ".join(parts) + " (throw=False returns them with their status)")
 
 
 def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOptions] = None,
-                lipschitz: Optional[float] = None, **overrides) -> LassoResult:
+                lipschitz: Optional[float] = None, throw: bool = False,
+                **overrides) -> LassoResult:
     """Solve ``min_z ½‖A z + b − o‖² + λ‖z − anchor‖₁`` for every sample of a batch.
 
     Algorithm, restart, certificates and stopping rules: see the module docstring.
@@ -309,11 +391,17 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
       options: :class:`LassoOptions` (default ``LassoOptions()``; the reference solver is
         ``LassoOptions.paper(op)``).
       lipschitz: L = ‖A‖² if known (e.g. from a previous result or the head bundle).
+      throw: raise :class:`LassoNotConverged` if any sample ends other than CONVERGED.
       **overrides: fields of ``options`` to change for this call (max_iter, tol, stop, step,
         restart, start, lipschitz_margin).
 
     Returns:
-      :class:`LassoResult`. Non-convergence is reported per sample in ``status``, never raised.
+      :class:`LassoResult`. Non-convergence is reported per sample in ``status`` and raised
+      only with ``throw=True``.
+
+    Differentiable (reverse mode) in o, lam, anchor and the operator's arrays by implicit
+    differentiation at the solution (module docstring); not through ``init``, on which the
+    minimiser does not depend.
 
     The loop is one jit-compiled ``lax.while_loop``: calls with the same shapes, dtypes and
     static options (stop rule, restart) reuse the compiled program; λ, tol, step and max_iter are
@@ -369,14 +457,18 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
     step = opts.step
     if step is None:
         if lipschitz is None:
-            lipschitz = op.lipschitz()
+            # the step does not change the minimiser, so it is not differentiated
+            lipschitz = lax.stop_gradient(op).lipschitz()
         lipschitz = check_positive("lipschitz", lipschitz)
         step = 1.0 / (opts.lipschitz_margin * lipschitz)
 
     r = op.out_to_internal(o - op.affine(anchor))
-    delta, iterations, objective, gap, kkt, status = _fista(
-        op, r, lam, op.to_internal(delta0), step, tol, max_iter,
-        restart=restart, stop=stop)
+    delta, iterations, status = _minimiser(op, r, lam, op.to_internal(delta0),
+                                           (float(step), float(tol), max_iter, restart, stop))
+    objective, gap, kkt = _certify(op, r, lam, delta)
     z = op.from_internal(delta) + anchor
-    return LassoResult(z=z, iterations=iterations, objective=objective, gap=gap, kkt=kkt,
-                       status=status, lipschitz=lipschitz, step=float(step))
+    result = LassoResult(z=z, iterations=iterations, objective=objective, gap=gap, kkt=kkt,
+                         status=status, lipschitz=lipschitz, step=float(step))
+    if throw and not bool(jnp.all(result.converged)):
+        raise LassoNotConverged(result)
+    return result

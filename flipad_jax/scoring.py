@@ -74,7 +74,7 @@ def score_batches(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0
             images = read_images(batch, output_range, shape=shape,
                                  shape_from="(the detector's input shape)",
                                  perturbation=perturbation, seed=seed)
-            yield batch, np.asarray(detector.score(images), np.float32)
+            yield batch, np.asarray(detector.anomaly_score(images), np.float32)
 
     return batches()
 

@@ -76,7 +76,7 @@ def test_records_validate_and_hold_checkable_values(raw, tmp_path, capsys):
         [str(d / "a.png")] + [f"{d / 'test.npy'}[{i}]" for i in range(5)])
     x = np.concatenate([np.asarray(Image.open(d / "a.png"), np.float32)[None, None] / 255 * 2 - 1,
                         np.load(d / "test.npy")])
-    scores = det.score(x)
+    scores = det.anomaly_score(x)
     val = np.asarray(det.val_scores_, np.float64)
     npy_hash = _sha(d / "test.npy")
     for i, rec in enumerate(records):

@@ -56,6 +56,30 @@ def test_matches_sklearn_lasso(x64):
         np.testing.assert_allclose(res.z[i], ref.coef_, atol=1e-8)
 
 
+def test_returned_features_have_the_lasso_solutions_exact_zeros(x64):
+    # The solver returns a proximal (soft-thresholded) iterate, so coordinates outside the
+    # support are exactly 0, at the default certified tolerance as at a cap of a few
+    # iterations; a dense extrapolated point would have almost no exact zeros.
+    rng = np.random.default_rng(3)
+    m, n = 30, 60
+    w = rng.normal(size=(m, n))
+    o = rng.normal(size=(3, m))
+    anchor = rng.normal(size=n)
+    lam = 0.4 * np.abs(w.T @ (o - w @ anchor).T).max(axis=0)  # 0.4 λ_max: a sparse solution
+    for options in (dict(), dict(tol=1e-12, max_iter=50000)):
+        res = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, **options)
+        assert bool(jnp.all(res.converged))
+        for i in range(len(o)):
+            ref = Lasso(alpha=lam[i] / m, fit_intercept=False, tol=1e-14, max_iter=100000)
+            ref.fit(w, o[i] - w @ anchor)
+            support = ref.coef_ != 0
+            assert 0 < support.sum() < n // 2
+            # off sklearn's support our δ = z − z̄ is exactly zero
+            np.testing.assert_array_equal(np.asarray(res.z[i])[~support], anchor[~support])
+    capped = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, max_iter=3)
+    assert np.mean(np.asarray(capped.z) == anchor) > 0.3
+
+
 @pytest.mark.slow
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -279,6 +303,15 @@ def test_non_convergence_is_reported_not_hidden(x64):
     assert np.all(np.asarray(capped.iterations) == 3)
     diverged = fj.solve_lasso(op, o, 0.01, step=1e3, restart=False, max_iter=5000)
     assert np.all(np.asarray(diverged.status) == fj.Status.NONFINITE)
+    # opt-in: raised, with the per-status counts and the result attached
+    with pytest.raises(fj.LassoNotConverged,
+                       match="2 of 2 sample.s. reached max_iter before the stop rule held") as err:
+        fj.solve_lasso(op, o, 0.01, max_iter=3, throw=True)
+    np.testing.assert_array_equal(err.value.result.z, capped.z)
+    with pytest.raises(fj.LassoNotConverged, match="the objective went non-finite"):
+        fj.solve_lasso(op, o, 0.01, step=1e3, restart=False, max_iter=5000, throw=True)
+    converged = fj.solve_lasso(op, o, 0.01, throw=True)  # no error when every sample converged
+    assert bool(jnp.all(converged.converged))
 
 
 SHARDED_SCRIPT = textwrap.dedent("""

@@ -103,8 +103,8 @@ def test_settings_round_trip_through_a_saved_detector(tmp_path):
     back = fj.Detector.load(tmp_path / "det")
     assert back.feature_config == features and back.training == det.training
     assert back.channels_ == det.channels_ and len(back.channels_) == 5
-    np.testing.assert_array_equal(back.score(flat[1], precomputed=True),
-                                  det.score(flat[1], precomputed=True))
+    np.testing.assert_array_equal(back.anomaly_score(flat[1], precomputed=True),
+                                  det.anomaly_score(flat[1], precomputed=True))
 
 
 @pytest.mark.parametrize("kind", ["raw", "dct"])
