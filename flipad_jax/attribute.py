@@ -304,9 +304,10 @@ def default_stack() -> bool:
 
 
 def scores_many(detectors: Sequence, x, *, stack: Optional[bool] = None) -> np.ndarray:
-    """Scores ``(M, B)`` float32 of images ``x`` ``(B, C, H, W)`` under M detectors: row m is
-    ``detectors[m].score(x)``. With ``stack`` (default :func:`default_stack`) FLIPAD detectors
-    of one geometry share a stacked inversion; the others are scored one by one."""
+    """Anomaly scores ``(M, B)`` float32 of images ``x`` ``(B, C, H, W)`` under M detectors:
+    row m is ``detectors[m].anomaly_score(x)``. With ``stack`` (default :func:`default_stack`)
+    FLIPAD detectors of one geometry share a stacked inversion; the others are scored one by
+    one."""
     stack = default_stack() if stack is None else stack
     for d in detectors:
         if image_shape(d) not in (None, tuple(np.shape(x)[1:])):
@@ -319,13 +320,13 @@ def scores_many(detectors: Sequence, x, *, stack: Optional[bool] = None) -> np.n
         if stack and fc.kind == "flipad":
             groups.setdefault(geometry_key(d.head, fc.lasso, fc.invert_batch_size), []).append(m)
         else:
-            scores[m] = d.score(x)
+            scores[m] = d.anomaly_score(x)
     for members in groups.values():
         if len(members) == 1:
-            scores[members[0]] = detectors[members[0]].score(x)
+            scores[members[0]] = detectors[members[0]].anomaly_score(x)
             continue
         for m, f in zip(members, _stacked_features([detectors[m] for m in members], x)):
-            scores[m] = detectors[m].score(f, precomputed=True)
+            scores[m] = detectors[m].anomaly_score(f, precomputed=True)
     return np.stack([np.asarray(s, np.float32) for s in scores])
 
 

@@ -1,7 +1,8 @@
 """`flipad attribute` / `flipad registry add` (flipad_jax.attribute): the stacked inversion equals
-each head's own solve, scores and p-values equal per-model `Detector.score` / `p_value`, the
-open-world answer (none, one, several), refusals, resume and sharding. Tiny FLIPAD detectors on
-3×8×8 images: heads A and A′ (A's weights × 1.001) of one geometry, C of another."""
+each head's own solve, scores and p-values equal per-model `Detector.anomaly_score` /
+`p_value`, the open-world answer (none, one, several), refusals, resume and sharding. Tiny
+FLIPAD detectors on 3×8×8 images: heads A and A′ (A's weights × 1.001) of one geometry, C of
+another."""
 
 import csv
 import json
@@ -107,14 +108,14 @@ def test_scores_and_p_values_equal_per_model_scoring(world, tmp_path):
     assert registry.names == ["A", "A2", "C"]
     stacked = scores_many(registry.detectors, x, stack=True)
     for m, det in enumerate(registry.detectors):
-        np.testing.assert_allclose(stacked[m], det.score(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stacked[m], det.anomaly_score(x), rtol=1e-5, atol=1e-6)
     out = tmp_path / "claims.jsonl"
     assert _attribute(d, d / "test.npy", out=out, extra=["--stack"]) == 0
     rows = _jsonl(out)
     assert [r["path"] for r in rows] == [f"{d / 'test.npy'}[{i}]" for i in range(len(x))]
     for m, det in zip(registry.names, registry.detectors):
-        np.testing.assert_allclose([r["models"][m]["score"] for r in rows], det.score(x),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose([r["models"][m]["score"] for r in rows],
+                                   det.anomaly_score(x), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal([r["models"][m]["p_value"] for r in rows], det.p_value(x))
 
 
