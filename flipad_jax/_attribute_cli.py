@@ -41,7 +41,7 @@ def add_attribute_parser(subparsers):
                    help="attribute part K (from 0) of N contiguous parts of the sorted inputs")
     p.add_argument("--stack", action="store_true", default=None,
                    help="invert FLIPAD heads of one geometry in one vmapped solve (default: on "
-                        "accelerators, off on the CPU backend, where it measured 3-4x "
+                        "accelerators, off on the CPU backend, where it measured 2.5-4x "
                         "slower than a loop)")
     p.add_argument("--no-stack", dest="stack", action="store_false",
                    help="invert each model's head on its own")

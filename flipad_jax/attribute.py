@@ -26,7 +26,7 @@ rounding: the batched convolution sums in another order; a certified stop that f
 that rounding of its bound may then come one iteration apart). On XLA:CPU the vmap of a
 convolution whose kernel is batched lowers to a grouped convolution, much slower than the
 ungrouped ones a loop runs: on the demo's four same-geometry heads the stacked solve took
-3–4× the loop's time (``benchmarks/attribute.py``). Stacking is therefore off by default
+2.5–4× the loop's time (``benchmarks/attribute.py``). Stacking is therefore off by default
 on the CPU backend and on elsewhere (``stack=None``), where it has not been measured yet.
 """
 
