@@ -12,6 +12,8 @@ Subcommands:
 * ``flipad explain`` (and ``flipad score --report``): a per-image evidence report;
   ``flipad verify`` recomputes one and says whether each record matches
   (:mod:`flipad_jax.evidence`).
+* ``flipad attribute`` (and ``flipad registry add``): which models of a registry claim each
+  image, open-world, with every model's p-value (:mod:`flipad_jax.attribute`).
 
 Every refused input prints ``flipad <command>: error: ...`` naming the file or value and what
 was expected, and exits with status 1; a usage error exits with 2 (argparse's convention), an
@@ -622,8 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for entry in sorted(entry_points(group="flipad.subcommands"), key=lambda e: e.name):
         entry.load()(subparsers)
+    from flipad_jax._attribute_cli import add_attribute_parser, add_registry_parser
+
     for add in (_add_invert_parser, _add_fit_parser, _add_score_parser, _add_evaluate_parser,
-                _add_explain_parser, _add_verify_parser):
+                _add_explain_parser, _add_verify_parser, add_attribute_parser,
+                add_registry_parser):
         add(subparsers)
     return parser
 

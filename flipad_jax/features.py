@@ -155,12 +155,17 @@ def flipad_features(head, images, *, lam: float, pool_to: Optional[int] = 32,
     """
     res = head.invert_batches(images, lam, batch_size=batch_size, progress=progress,
                               **invert_kwargs)
-    bad = res.status == Status.NONFINITE
+    check_solved(res.status)
+    return max_pool_to(jnp.asarray(res.z), pool_to)
+
+
+def check_solved(status) -> None:
+    """Refuse inversions whose ``(B,)`` solver status says they went non-finite."""
+    bad = np.asarray(status) == Status.NONFINITE
     if bad.any():
         raise ValueError(f"images: the inversion of {int(bad.sum())} image(s) (indices "
                          f"{np.flatnonzero(bad)[:10].tolist()}) went non-finite: expected finite "
                          "activations")
-    return max_pool_to(jnp.asarray(res.z), pool_to)
 
 
 class Standardizer(NamedTuple):
