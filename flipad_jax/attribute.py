@@ -8,7 +8,8 @@ samples). The answer is open-world: no model, one, or several may claim an image
 Registry (a folder; :func:`add_entry` / ``flipad registry add`` build one)::
 
     DIR/<name>/detector/   a detector folder written by ``flipad fit``
-    DIR/<name>/bundle/     the head bundle it was fitted with (``flipad convert``); FLIPAD only
+    DIR/<name>/bundle/     the head bundle it was fitted with (``flipad convert``); FLIPAD only,
+                           and optional when the detector carries its head (``detector/head/``)
 
 ``<name>`` names the model in every output. :meth:`Registry.load` refuses a FLIPAD detector
 whose bundle is missing or is not its head (by the head fingerprint the detector saved), two
@@ -79,7 +80,7 @@ class Entry(NamedTuple):
 
 def _load_entry(folder: Path) -> Entry:
     from flipad_jax.detector import Detector
-    from flipad_jax.detector_io import HeadMismatchError, read_meta
+    from flipad_jax.detector_io import HeadMismatchError, embedded_bundle, read_meta
     from flipad_jax.head import Head
     from flipad_jax.scoring import detector_digest
     from flipad_jax.sminv import SMInv2
@@ -92,10 +93,12 @@ def _load_entry(folder: Path) -> Entry:
         raise ValueError(f"{det_path}: an SM-Inv₂ detector: expected FLIPAD, RawPAD, DCTPAD or "
                          "SM-F detectors in a registry")
     fitted_head = read_meta(det_path)["head"]
+    if not bundle_path.is_dir() and embedded_bundle(det_path) is not None:
+        bundle_path = embedded_bundle(det_path)  # the detector carries its head
     has_bundle = bundle_path.is_dir()
     if fitted_head is not None and not has_bundle:
         raise ValueError(f"{det_path}: a FLIPAD detector whose bundle is missing: expected its "
-                         f"head bundle at {bundle_path}")
+                         f"head bundle at {bundle_path} (or carried in the detector folder)")
     if fitted_head is None and has_bundle:
         raise ValueError(f"{bundle_path}: the detector {det_path} uses no head: expected no "
                          f"{BUNDLE_DIR}/ beside a {DETECTOR_DIR}/ fitted without one")

@@ -207,6 +207,11 @@ def test_refusals_name_the_value_and_write_nothing(world, tmp_path, capsys):
     # a detector whose bundle is missing
     shutil.rmtree(reg / "A_again")
     shutil.rmtree(reg / "C" / "bundle")
+    # the detector folder carries its head, so the entry is still complete ...
+    assert main(["attribute", "--registry", str(reg), str(d / "test.npy"), "--out",
+                 str(tmp_path / "embedded.jsonl"), "--quiet"]) == 0
+    # ... until that copy goes too
+    shutil.rmtree(reg / "C" / "detector" / "head")
     assert main(["attribute", "--registry", str(reg), str(d / "test.npy"), "--out",
                  str(tmp_path / "x.jsonl"), "--quiet"]) == 1
     assert f"{reg / 'C' / 'detector'}: a FLIPAD detector whose bundle is missing" in \
