@@ -96,7 +96,7 @@ def _run_convert(args) -> int:
                          device=args.device, trust_pickle=args.trust_pickle,
                          output_range=args.output_range, check_samples=args.check_samples,
                          check_dtype=args.check_dtype, overwrite=args.overwrite,
-                         progress=not args.quiet)
+                         progress=args.progress)
     except ValueError as e:
         return _fail("convert", e)
     meta = result.meta
@@ -119,7 +119,7 @@ def _run_sample(args) -> int:
                      batch_size=500 if args.batch_size is None else args.batch_size,
                      fmt=args.format, bn_mode=args.bn_mode, device=args.device,
                      trust_pickle=args.trust_pickle, output_range=args.output_range,
-                     overwrite=args.overwrite, progress=not args.quiet)
+                     overwrite=args.overwrite, progress=args.progress)
     except ValueError as e:
         return _fail("sample", e)
     print(f"wrote {args.n} samples ({args.format}) to {out}")

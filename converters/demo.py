@@ -459,7 +459,7 @@ def _run_demo(args) -> int:
         return _run_tabular(args, start)
     settings = settings_from_args(args)
     results = run_demo(args.out, retrain=args.retrain, data=args.data, weights=args.weights,
-                       overwrite=args.overwrite, progress=not args.quiet, settings=settings)
+                       overwrite=args.overwrite, progress=args.progress, settings=settings)
     print(report.tables_markdown({TABLE1: results["pairs"], TABLE2: results["table2"]["pairs"]},
                                  per_pair=False))
     for method, m in results["methods"].items():
@@ -485,7 +485,7 @@ def _run_tabular(args, start: float) -> int:
                          "--quiet)")
     out = "flipad-tabular" if args.out == "flipad-demo" else args.out
     results = run_tabular_demo(out, quick=args.quick, overwrite=args.overwrite,
-                               progress=not args.quiet)
+                               progress=args.progress)
     print_summary(results)
     print(f"report in {out}/ ({time.perf_counter() - start:.0f} s)")
     return 0

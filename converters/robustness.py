@@ -294,7 +294,7 @@ def _run_robustness(args) -> int:
     start = time.perf_counter()
     results = run_robustness(args.out, quick=args.quick, perturbations=args.perturbations,
                              data=args.data, weights=args.weights, overwrite=args.overwrite,
-                             progress=not args.quiet)
+                             progress=args.progress)
     print(robustness_markdown(results["pairs"]))
     print(f"report in {args.out}/ ({time.perf_counter() - start:.0f} s)")
     return 0

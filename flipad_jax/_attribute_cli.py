@@ -67,7 +67,7 @@ def _run_attribute(args) -> int:
                    detector_sha256=scoring.detector_digest(args.registry), shard=f"{k}/{n}")
     path, resumed = write_attribution(registry, refs, out, sidecar=sidecar, alpha=alpha,
                                       batch_size=args.batch_size, overwrite=args.overwrite,
-                                      progress=not args.quiet, stack=args.stack,
+                                      progress=args.progress, stack=args.stack,
                                       perturbation=args.perturb, seed=args.perturb_seed)
     print(f"wrote {path} ({len(refs)} rows, {len(registry.entries)} models" +
           (f", {resumed} rows resumed from an earlier run" if resumed else "") + ")")

@@ -27,9 +27,11 @@ work without it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from flipad_jax import sminv as sminv_defaults
+from flipad_jax._runtime import DEVICES, LOGGER, report, run_log, select_device, show_progress
 from flipad_jax._argparse import (add_output_flags, float_pair, key_value, optional_int,
                                   subparser)
 from flipad_jax.deepsad import DeepSADConfig
@@ -92,7 +94,7 @@ def _run_invert(args) -> int:
     options = LassoOptions.paper(head.op) if args.mode == "paper" else LassoOptions()
     changes = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol)) if v is not None}
     res = head.invert_batches(images, args.lam, batch_size=args.batch_size,
-                              progress=not args.quiet, options=options.replace(**changes))
+                              progress=args.progress, options=options.replace(**changes))
     samples = [dict(index=i, iterations=int(res.iterations[i]),
                     objective=float(res.objective[i]), gap=float(res.gap[i]),
                     status=int(res.status[i]), clipped=int(res.clipped[i]))
@@ -103,7 +105,7 @@ def _run_invert(args) -> int:
         np.save(tmp_npy, res.z)
         tmp_json.write_text(json.dumps(dict(lam=args.lam, mode=args.mode, samples=samples)))
     not_converged = int(np.sum(~res.converged))
-    print(f"wrote {out} ({len(samples)} samples, {not_converged} not converged)")
+    report(f"wrote {out} ({len(samples)} samples, {not_converged} not converged)")
     return 0
 
 
@@ -268,6 +270,8 @@ def _add_fit_parser(subparsers):
                    help="seed of the validation split, the network and the shuffling")
     _add_perturb_flags(p)
     _add_float_input_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on stdout instead of text")
     add_output_flags(p)
     p.set_defaults(func=_run_fit)
     return p
@@ -307,9 +311,9 @@ def _run_fit(args) -> int:
                                                          f"(the output of --bundle {args.bundle})")
     reading = dict(perturbation=args.perturb, seed=args.perturb_seed, **_float_inputs(args))
     x_model = read_images(model_refs, pixels, shape=shape, shape_from=shape_from,
-                          progress=not args.quiet, **reading)
+                          progress=args.progress, **reading)
     like = dict(shape=x_model.shape[1:], shape_from=f"(the images of --model {model_src})",
-                progress=not args.quiet, **reading)
+                progress=args.progress, **reading)
     x_val = read_images(val_refs, pixels, **like)
     x_other = read_images(list_images(args.other), pixels, **like)
     features = FeatureConfig(args.features, lam=args.lam, pool_to=args.pool_to, size=args.size,
@@ -320,14 +324,26 @@ def _run_fit(args) -> int:
                              epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                              seed=args.seed)
     detector = Detector(features, training=training, head=head, fnrs=fnrs,
-                        progress=not args.quiet)
+                        progress=args.progress)
     detector.fit(x_model, x_other, x_val)
     path = detector.save(args.out, overwrite=args.overwrite)
-    print(f"wrote {path} ({args.features}: {len(x_model)} of G's images, {len(x_other)} others, "
-          f"{len(x_val)} for validation{_float_input_note(args)})")
-    for fnr, tau in sorted(detector.thresholds_.items()):
-        print(f"  threshold at fnr={fnr:g}: {tau:.6g}")
+    _report_fit(args, path, detector.thresholds_, dict(
+        features=args.features, n_model=len(x_model), n_other=len(x_other), n_val=len(x_val)),
+        f"{args.features}: {len(x_model)} of G's images, {len(x_other)} others, "
+        f"{len(x_val)} for validation{_float_input_note(args)}")
     return 0
+
+
+def _report_fit(args, path, thresholds: dict, counts: dict, summary: str) -> None:
+    """The fitted detector's path and thresholds: a JSON object with ``--json``, else lines."""
+    if args.json:
+        report(json.dumps({"path": str(path), **counts,
+                           "thresholds": {f"{fnr:g}": tau for fnr, tau in sorted(
+                               thresholds.items())}}))
+        return
+    report(f"wrote {path} ({summary})")
+    for fnr, tau in sorted(thresholds.items()):
+        report(f"  threshold at fnr={fnr:g}: {tau:.6g}")
 
 
 def _fit_sm_inv2(args) -> int:
@@ -344,14 +360,13 @@ def _fit_sm_inv2(args) -> int:
     gen = _load_generator(args.generator)
     x = read_images(list_images(args.model), gen.output_range, shape=gen.out_shape,
                     shape_from=f"(the output of --generator {args.generator})",
-                    progress=not args.quiet, perturbation=args.perturb, seed=args.perturb_seed,
+                    progress=args.progress, perturbation=args.perturb, seed=args.perturb_seed,
                     **_float_inputs(args))
     det = SMInv2(gen, restarts=args.restarts, steps=args.steps, fnrs=args.fnr or DEFAULT_FNRS,
-                 seed=args.seed, progress=not args.quiet).fit(x)
+                 seed=args.seed, progress=args.progress).fit(x)
     det.save(args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out} (sm_inv2: thresholds on {len(x)} of G's images)")
-    for fnr, tau in sorted(det.thresholds_.items()):
-        print(f"  threshold at fnr={fnr:g}: {tau:.6g}")
+    _report_fit(args, args.out, det.thresholds_, dict(features="sm_inv2", n_model=len(x)),
+                f"sm_inv2: thresholds on {len(x)} of G's images")
     return 0
 
 
@@ -421,10 +436,10 @@ def _run_score(args) -> int:
                    detector_sha256=scoring.detector_digest(args.detector), shard=f"{k}/{n}")
     path, resumed = scoring.write_scores(detector, refs, out, sidecar=sidecar,
                                          output_range=pixels, batch_size=args.batch_size,
-                                         overwrite=args.overwrite, progress=not args.quiet,
+                                         overwrite=args.overwrite, progress=args.progress,
                                          perturbation=args.perturb, seed=args.perturb_seed,
                                          **_float_inputs(args))
-    print(f"wrote {path} ({len(refs)} rows" + (f", {resumed} of them resumed from an earlier run"
+    report(f"wrote {path} ({len(refs)} rows" + (f", {resumed} of them resumed from an earlier run"
                                                if resumed else "") + ")")
     if args.report is not None:
         _write_report(args, detector, refs)
@@ -481,8 +496,8 @@ def _write_report(args, detector, refs):
                                  batch_size=args.batch_size,
                                  perturbation=args.perturb, seed=args.perturb_seed,
                                  overwrite=args.overwrite, command=args.argv,
-                                 progress=not args.quiet)
-    print(f"wrote {path} ({len(records)} records and index.html)")
+                                 progress=args.progress)
+    report(f"wrote {path} ({len(records)} records and index.html)")
     return records
 
 
@@ -497,7 +512,7 @@ def _run_explain(args) -> int:
     for rec in _write_report(args, detector, refs):
         verdicts = ", ".join(f"fnr {d['fnr']:g}: {'G' if d['made_by_g'] else 'not G'}"
                              for d in rec["decisions"])
-        print(f"  {rec['image']['name']}: score {rec['score']:.6g}, p {rec['p_value']:.4g} "
+        report(f"  {rec['image']['name']}: score {rec['score']:.6g}, p {rec['p_value']:.4g} "
               f"({verdicts})")
     return 0
 
@@ -518,13 +533,13 @@ def _add_verify_parser(subparsers):
 def _run_verify(args) -> int:
     from flipad_jax.evidence import verify
 
-    checks = verify(args.report, progress=not args.quiet)
+    checks = verify(args.report, progress=args.progress)
     for check in checks:
-        print(f"{'match' if check.ok else 'DIFFERS'}  {check.name}")
+        report(f"{'match' if check.ok else 'DIFFERS'}  {check.name}")
         for line in check.differences + [f"note: {n}" for n in check.notes]:
-            print(f"    {line}")
+            report(f"    {line}")
     bad = sum(not c.ok for c in checks)
-    print(f"{len(checks) - bad} of {len(checks)} records match")
+    report(f"{len(checks) - bad} of {len(checks)} records match")
     return 1 if bad else 0
 
 
@@ -559,6 +574,8 @@ def _add_evaluate_parser(subparsers):
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     _add_perturb_flags(p)
     _add_float_input_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on stdout instead of text")
     add_output_flags(p)
     p.set_defaults(func=_run_evaluate)
     return p
@@ -583,7 +600,7 @@ def _run_evaluate(args) -> int:
     sources = {args.model_name: list_images(args.model)}
     sources.update((name, list_images(src)) for name, src in args.other)
     scores = {name: scoring.score_all(detector, refs, output_range=pixels,
-                                      batch_size=args.batch_size, progress=not args.quiet,
+                                      batch_size=args.batch_size, progress=args.progress,
                                       desc=f"scoring {name}", perturbation=args.perturb,
                                       seed=args.perturb_seed, **_float_inputs(args))
               for name, refs in sources.items()}
@@ -601,9 +618,12 @@ def _run_evaluate(args) -> int:
                   **_float_inputs(args),
                   sources=dict([(args.model_name, args.model)] + list(args.other)),
                   counts={name: len(refs) for name, refs in sources.items()}))
-    print(table)
-    if written:
-        print(f"wrote {args.out}/table.md and records.json")
+    if args.json:
+        report(json.dumps({"records": records, "out": None if not written else str(args.out)}))
+    else:
+        report(table)
+        if written:
+            report(f"wrote {args.out}/table.md and records.json")
     return 0
 
 
@@ -617,10 +637,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="flipad", description="Single-model attribution of generative models by "
-                                   "final-layer inversion (FLIPAD), in JAX.")
+                                   "final-layer inversion (FLIPAD), in JAX.",
+        epilog="@FILE reads further arguments from FILE, one per line.",
+        fromfile_prefix_chars="@")
     parser.add_argument("--version", action="version", version=f"flipad-jax {__version__}")
     parser.add_argument("--verbose", action="store_true",
-                        help="print the traceback of an unexpected error")
+                        help="show the run's log messages on stderr and the traceback of an "
+                             "unexpected error")
+    parser.add_argument("--device", choices=DEVICES,
+                        help="JAX platform to run on (default: JAX's choice, the accelerator if "
+                             "one is installed; on GPUs XLA_PYTHON_CLIENT_PREALLOCATE=false "
+                             "stops JAX from reserving most of the memory up front)")
+    parser.add_argument("--log", metavar="FILE",
+                        help="append the run's record (command, versions, device, results, exit "
+                             "status) to FILE")
+    parser.add_argument("--progress", dest="force_progress", action="store_true",
+                        help="draw progress bars even when stderr is not a terminal")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for entry in sorted(entry_points(group="flipad.subcommands"), key=lambda e: e.name):
         entry.load()(subparsers)
@@ -639,18 +671,23 @@ def main(argv=None) -> int:
     unexpected error, which is a bug (its traceback with ``--verbose``)."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv) if argv is None else ["flipad", *argv]  # recorded in evidence
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as error:
-        print(f"flipad {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    except Exception as error:  # noqa: BLE001 - anything else is a bug, reported as one
-        if args.verbose:
-            import traceback
-            traceback.print_exc()
-        print(f"flipad {args.command}: internal error (a bug; please report it with the output "
-              f"of --verbose): {type(error).__name__}: {error}", file=sys.stderr)
-        return 3
+    args.progress = show_progress(args)
+    with run_log(args) as outcome:
+        try:
+            if args.device is not None:
+                LOGGER.info("device: %s", select_device(args.device))
+            outcome["status"] = args.func(args)
+        except (ValueError, OSError) as error:
+            print(f"flipad {args.command}: error: {error}", file=sys.stderr)
+            outcome.update(status=1, error=str(error))
+        except Exception as error:  # noqa: BLE001 - anything else is a bug, reported as one
+            if args.verbose:
+                import traceback
+                traceback.print_exc()
+            print(f"flipad {args.command}: internal error (a bug; please report it with the "
+                  f"output of --verbose): {type(error).__name__}: {error}", file=sys.stderr)
+            outcome.update(status=3, error=f"{type(error).__name__}: {error}")
+    return outcome["status"]
 
 
 if __name__ == "__main__":
