@@ -107,21 +107,13 @@ def _load_entry(folder: Path) -> Entry:
         detector = Detector.load(det_path, head=head, progress=False)
     except HeadMismatchError as error:
         raise ValueError(f"{bundle_path} is not the bundle of {det_path}: {error}") from None
-    if image_shape(detector) is None:
+    if detector.image_shape_ is None:
         raise ValueError(f"{det_path}: fitted on precomputed features without a head, so the "
                          "images it takes are unknown: expected a detector fitted on images "
                          "(flipad fit) or a FLIPAD one")
     return Entry(folder.name, detector, det_path, detector_digest(det_path),
                  bundle_path if has_bundle else None,
                  detector_digest(bundle_path) if has_bundle else None)
-
-
-def image_shape(detector) -> Optional[tuple]:
-    """The per-image shape a detector takes: the one it was fitted on, else (FLIPAD features
-    fitted precomputed, as the demo does) its head's output shape; None if neither is known."""
-    if detector.input_shape_ is not None:
-        return tuple(detector.input_shape_)
-    return None if detector.head is None else tuple(detector.head.out_shape)
 
 
 def _entry_folders(path: Path) -> list:
@@ -142,7 +134,7 @@ def _entries(path: Path, folders: Mapping[str, Path]) -> tuple:
                              f"{e.name}: expected one detector per generator")
         by_bundle[e.bundle_sha256] = e.name
     for what, of in (("decode 8-bit pixels to", pixel_range),
-                     ("take images of shape", image_shape)):
+                     ("take images of shape", lambda d: d.image_shape_)):
         values = {e.name: of(e.detector) for e in entries}
         if len(set(values.values())) > 1:
             raise ValueError(f"registry {path}: detectors {what} different values {values}: "
@@ -182,7 +174,7 @@ class Registry(NamedTuple):
 
     @property
     def image_shape(self) -> tuple:
-        return image_shape(self.entries[0].detector)
+        return self.entries[0].detector.image_shape_
 
 
 def add_entry(registry, name: str, *, detector, bundle=None, overwrite: bool = False) -> Path:
@@ -313,9 +305,9 @@ def scores_many(detectors: Sequence, x, *, stack: Optional[bool] = None) -> np.n
     one."""
     stack = default_stack() if stack is None else stack
     for d in detectors:
-        if image_shape(d) not in (None, tuple(np.shape(x)[1:])):
+        if d.image_shape_ not in (None, tuple(np.shape(x)[1:])):
             raise ValueError(f"x has per-sample shape {tuple(np.shape(x)[1:])}: expected "
-                             f"{image_shape(d)}, the image shape of every detector")
+                             f"{d.image_shape_}, the image shape of every detector")
     scores: list = [None] * len(detectors)
     groups: dict = {}
     for m, d in enumerate(detectors):

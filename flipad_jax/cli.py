@@ -70,6 +70,9 @@ def _add_invert_parser(subparsers):
     p.add_argument("--max-iter", type=int, default=None)
     p.add_argument("--tol", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--pool-to", type=optional_int, default=None, metavar="N|none",
+                   help="max-pool the features to N×N as a FLIPAD detector does (default none: "
+                        "the solutions as they are; the sidecar records it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_float_input_flags(p)
     p.set_defaults(func=_run_invert)
@@ -77,12 +80,12 @@ def _add_invert_parser(subparsers):
 
 
 def _run_invert(args) -> int:
-    import json
     from pathlib import Path
 
     import numpy as np
 
-    from flipad_jax._files import atomic_file
+    from flipad_jax.feature_files import write_feature_file
+    from flipad_jax.features import max_pool_to
     from flipad_jax.head import Head
     from flipad_jax.images import load_images
     from flipad_jax.lasso import LassoOptions
@@ -93,17 +96,16 @@ def _run_invert(args) -> int:
                          shape_from="(the head's output)", **_float_inputs(args))
     options = LassoOptions.paper(head.op) if args.mode == "paper" else LassoOptions()
     changes = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol)) if v is not None}
+    options = options.replace(**changes)
     res = head.invert_batches(images, args.lam, batch_size=args.batch_size,
-                              progress=args.progress, options=options.replace(**changes))
+                              progress=args.progress, options=options)
     samples = [dict(index=i, iterations=int(res.iterations[i]),
                     objective=float(res.objective[i]), gap=float(res.gap[i]),
                     status=int(res.status[i]), clipped=int(res.clipped[i]))
                for i in range(len(images))]
-    # Both files are written whole beside their targets before either is moved into place.
-    with atomic_file(out.with_suffix(".json")) as tmp_json, \
-            atomic_file(out, suffix=".npy") as tmp_npy:
-        np.save(tmp_npy, res.z)
-        tmp_json.write_text(json.dumps(dict(lam=args.lam, mode=args.mode, samples=samples)))
+    z = res.z if args.pool_to is None else max_pool_to(res.z, args.pool_to)
+    write_feature_file(out, z, head=head, lam=args.lam, options=options,
+                       pooled_to=args.pool_to, samples=samples)
     not_converged = int(np.sum(~res.converged))
     report(f"wrote {out} ({len(samples)} samples, {not_converged} not converged)")
     return 0
@@ -270,6 +272,9 @@ def _add_fit_parser(subparsers):
                    help="seed of the validation split, the network and the shuffling")
     _add_perturb_flags(p)
     _add_float_input_flags(p)
+    p.add_argument("--features-from", action="store_true",
+                   help="FLIPAD: --model/--other/--val are feature files of `flipad invert` "
+                        "(their λ and solver settings become the detector's), not images")
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object on stdout instead of text")
     add_output_flags(p)
@@ -306,26 +311,44 @@ def _run_fit(args) -> int:
         model_refs, val_refs = split_validation(model_refs, fraction, need=need, seed=args.seed,
                                                 what=f"--model {model_src}")
     head = None if args.bundle is None else Head.load(args.bundle)
-    pixels = _pixel_range(head)
-    shape, shape_from = (None, "") if head is None else (head.out_shape,
-                                                         f"(the output of --bundle {args.bundle})")
-    reading = dict(perturbation=args.perturb, seed=args.perturb_seed, **_float_inputs(args))
-    x_model = read_images(model_refs, pixels, shape=shape, shape_from=shape_from,
-                          progress=args.progress, **reading)
-    like = dict(shape=x_model.shape[1:], shape_from=f"(the images of --model {model_src})",
-                progress=args.progress, **reading)
-    x_val = read_images(val_refs, pixels, **like)
-    x_other = read_images(list_images(args.other), pixels, **like)
-    features = FeatureConfig(args.features, lam=args.lam, pool_to=args.pool_to, size=args.size,
-                             crop=args.crop, top_k=args.top_k,
-                             lasso=_FEATURES.lasso.replace(**({} if args.max_iter is None else
-                                                             dict(max_iter=args.max_iter))))
+    other_refs = list_images(args.other)
+    lam, lasso = args.lam, _FEATURES.lasso.replace(**({} if args.max_iter is None else
+                                                      dict(max_iter=args.max_iter)))
+    if args.features_from:
+        from flipad_jax.feature_files import solve_settings
+
+        if args.features != "flipad":
+            raise ValueError(f"--features-from with --features {args.features}: expected "
+                             "--features flipad (feature files hold FLIPAD features)")
+        if args.perturb is not None or args.x_range is not None or args.clip:
+            raise ValueError("--features-from: the features are computed already; expected no "
+                             "--perturb, --x-range or --clip")
+        _, lam, lasso = solve_settings(sorted({r.path for r in
+                                               model_refs + val_refs + other_refs}))
+    features = FeatureConfig(args.features, lam=lam, pool_to=args.pool_to, size=args.size,
+                             crop=args.crop, top_k=args.top_k, lasso=lasso)
     training = DeepSADConfig(network=args.network, network_kwargs=dict(args.network_opt),
                              epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                              seed=args.seed)
     detector = Detector(features, training=training, head=head, fnrs=fnrs,
                         progress=args.progress)
-    detector.fit(x_model, x_other, x_val)
+    if args.features_from:
+        from flipad_jax.feature_files import read_feature_rows
+
+        x_model, x_val, x_other = (read_feature_rows(refs, detector)
+                                   for refs in (model_refs, val_refs, other_refs))
+    else:
+        pixels = _pixel_range(head)
+        shape, shape_from = (None, "") if head is None else (
+            head.out_shape, f"(the output of --bundle {args.bundle})")
+        reading = dict(perturbation=args.perturb, seed=args.perturb_seed, **_float_inputs(args))
+        x_model = read_images(model_refs, pixels, shape=shape, shape_from=shape_from,
+                              progress=args.progress, **reading)
+        like = dict(shape=x_model.shape[1:], shape_from=f"(the images of --model {model_src})",
+                    progress=args.progress, **reading)
+        x_val = read_images(val_refs, pixels, **like)
+        x_other = read_images(other_refs, pixels, **like)
+    detector.fit(x_model, x_other, x_val, precomputed=args.features_from)
     path = detector.save(args.out, overwrite=args.overwrite)
     _report_fit(args, path, detector.thresholds_, dict(
         features=args.features, n_model=len(x_model), n_other=len(x_other), n_val=len(x_val)),
@@ -404,6 +427,9 @@ def _add_score_parser(subparsers):
                         "(scores them once more; see `flipad explain`)")
     _add_perturb_flags(p)
     _add_float_input_flags(p)
+    p.add_argument("--features-from", action="store_true",
+                   help="FLIPAD: the INPUTs are feature files of `flipad invert` (checked to be "
+                        "the detector's head, λ and solver settings), not images")
     add_output_flags(p, "replace an existing OUT and --report DIR (and discard another run's "
                         "OUT.partial)")
     p.set_defaults(func=_run_score)
@@ -421,6 +447,9 @@ def _run_score(args) -> int:
     k, n = scoring.parse_shard(args.shard)
     refs = scoring.shard(list_images(args.inputs), k, n)
     detector, pixels = _load_detector(args.detector, args.bundle, args.generator)
+    if args.report is not None and args.features_from:
+        raise ValueError("--report with --features-from: an evidence record is recomputed from "
+                         "images; expected image inputs")
     if args.report is not None:  # refused before scoring, not after
         from flipad_jax.evidence import check_detector
 
@@ -438,6 +467,7 @@ def _run_score(args) -> int:
                                          output_range=pixels, batch_size=args.batch_size,
                                          overwrite=args.overwrite, progress=args.progress,
                                          perturbation=args.perturb, seed=args.perturb_seed,
+                                         features_from=args.features_from,
                                          **_float_inputs(args))
     report(f"wrote {path} ({len(refs)} rows" + (f", {resumed} of them resumed from an earlier run"
                                                if resumed else "") + ")")

@@ -198,6 +198,14 @@ class Detector:
     network_ = property(lambda self: self.state_.network)
     losses_ = property(lambda self: self.state_.losses)
     threshold_ = property(lambda self: self.thresholds_[self.fnrs[0]])
+
+    @property
+    def image_shape_(self) -> Optional[tuple]:
+        """The per-image shape this detector takes: the one it was fitted on, else (FLIPAD
+        fitted on precomputed features) its head's output shape; None if neither is known."""
+        if self.input_shape_ is not None:
+            return tuple(self.input_shape_)
+        return None if self.head is None else tuple(self.head.out_shape)
     decision_scores_ = property(lambda self: self.val_scores_)
     labels_ = property(lambda self: (self.val_scores_ > self.threshold_).astype(np.int32))
 

@@ -175,7 +175,7 @@ def split_validation(refs: Sequence[ImageRef], fraction: float, *, need: int, se
     return ([refs[i] for i in np.sort(order[n_val:])], [refs[i] for i in np.sort(order[:n_val])])
 
 
-def _groups(refs: Sequence[ImageRef]) -> Iterable[tuple[str, list[int]]]:
+def group_refs(refs: Sequence[ImageRef]) -> Iterable[tuple[str, list[int]]]:
     """Consecutive refs of one ``.npy`` file grouped as (path, rows); image files alone."""
     start = 0
     while start < len(refs):
@@ -294,7 +294,7 @@ def read_images(refs: Sequence[ImageRef], output_range=(-1.0, 1.0), *,
     parts = []
     bar = tqdm(total=len(refs), disable=not progress, desc="reading", unit="img", leave=False)
     done = 0
-    for path, rows in _groups(refs):
+    for path, rows in group_refs(refs):
         if rows[0] < 0:
             pixels, rows = _read_image(path)[None], None
         elif _is_table(path):

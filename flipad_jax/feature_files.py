@@ -1,0 +1,123 @@
+"""FLIPAD features on disk: what ``flipad invert`` writes and ``fit``/``score --features-from``
+read, so the costly inversion can be sharded over machines, cached, and trained on once.
+
+A feature file is ``NAME.npy`` (float32 ``(B, C, h, w)``: the lasso solutions z, max-pooled to
+``pooled_to`` or not) with its sidecar ``NAME.json``: the head's fingerprint
+(:func:`flipad_jax.detector_io.head_fingerprint`), λ, the solver's :class:`LassoOptions`, the
+pooling, and per-sample diagnostics. Reading checks each file's sidecar against the detector it
+is for (same head, same λ and solver settings, a pooling it can use), so features of another
+head or another solve are refused rather than scored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from flipad_jax._files import atomic_file
+
+FORMAT = "flipad-jax features"
+
+
+def sidecar_path(npy) -> Path:
+    return Path(npy).with_suffix(".json")
+
+
+def write_feature_file(out, z, *, head, lam: float, options, pooled_to: Optional[int],
+                       samples: list) -> Path:
+    """Write features ``z`` ``(B, C, h, w)`` and their sidecar beside each other, atomically
+    (both are written whole before either is moved into place); returns the .npy path."""
+    from flipad_jax.detector_io import head_fingerprint
+
+    out = Path(out)
+    meta = {"format": FORMAT, "head_fingerprint": head_fingerprint(head), "lam": float(lam),
+            "lasso": options.to_json(), "pooled_to": pooled_to,
+            "shape": list(np.shape(z)[1:]), "samples": samples}
+    with atomic_file(sidecar_path(out)) as tmp_json, atomic_file(out, suffix=".npy") as tmp_npy:
+        np.save(tmp_npy, np.asarray(z, np.float32))
+        tmp_json.write_text(json.dumps(meta))
+    return out
+
+
+def read_sidecar(npy) -> dict:
+    """The checked sidecar of the feature file ``npy``."""
+    path = sidecar_path(npy)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{npy}: no sidecar {path}: expected a feature file written by "
+                         "`flipad invert`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else meta!r},"
+                         f" expected {FORMAT!r} (a sidecar written by `flipad invert`)")
+    return meta
+
+
+def solve_settings(paths: Sequence) -> tuple:
+    """``(head_fingerprint, lam, LassoOptions)`` the feature files ``paths`` share; a ValueError
+    naming the first file that differs."""
+    from flipad_jax.lasso import LassoOptions
+
+    first = None
+    for path in paths:
+        meta = read_sidecar(path)
+        settings = (meta["head_fingerprint"], meta["lam"], meta["lasso"])
+        if first is None:
+            first = (path, settings)
+        elif settings != first[1]:
+            raise ValueError(f"{path}: features of another head or solve than {first[0]} "
+                             "(head fingerprint, λ or solver settings differ): expected one "
+                             "inversion's features")
+    fingerprint, lam, lasso = first[1]
+    return fingerprint, lam, LassoOptions(**lasso)
+
+
+def check_for_detector(meta: dict, path, detector) -> None:
+    """Refuse features that ``detector`` did not (or could not) make itself."""
+    from flipad_jax.detector_io import head_fingerprint
+
+    fc = detector.feature_config
+    if fc.kind != "flipad":
+        raise ValueError(f"{path}: FLIPAD features, but the detector is {fc.kind!r}: expected a "
+                         "FLIPAD detector")
+    if detector.head is not None and meta["head_fingerprint"] != head_fingerprint(detector.head):
+        raise ValueError(f"{path}: inverted with another head (fingerprint "
+                         f"{meta['head_fingerprint'][:12]}…): expected the detector's head")
+    if meta["lam"] != fc.lam or meta["lasso"] != fc.lasso.to_json():
+        raise ValueError(f"{path}: solved with λ={meta['lam']:g} and {meta['lasso']}, the "
+                         f"detector's features use λ={fc.lam:g} and {fc.lasso.to_json()}: "
+                         "expected the same solve")
+    if meta["pooled_to"] not in (None, fc.pool_to):
+        raise ValueError(f"{path}: pooled to {meta['pooled_to']}, the detector pools to "
+                         f"{fc.pool_to}: expected unpooled features or the same pooling")
+
+
+def read_feature_rows(refs, detector) -> np.ndarray:
+    """The detector's (unstandardised) features of ``refs`` (rows of feature files, from
+    :func:`flipad_jax.images.list_images`), float32, pooled as the detector pools."""
+    from flipad_jax.features import max_pool_to
+    from flipad_jax.images import group_refs
+
+    parts = []
+    for path, rows in group_refs(refs):
+        meta = read_sidecar(path)
+        check_for_detector(meta, path, detector)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+        if rows[0] < 0 or rows[-1] >= len(arr):
+            raise ValueError(f"{path}: rows {rows[0]}..{rows[-1]} are not rows of its "
+                             f"{len(arr)} features")
+        z = np.asarray(arr[rows], np.float32)
+        if meta["pooled_to"] is None and detector.feature_config.pool_to is not None:
+            z = np.asarray(max_pool_to(z, detector.feature_config.pool_to))
+        parts.append(z)
+    if not parts:
+        raise ValueError("refs=[]: expected at least one feature row")
+    return np.concatenate(parts)
