@@ -173,6 +173,14 @@ class PartialOutput:
             os.close(self.fd)  # releases the lock
             self.fd = None
 
+    def remaining(self, refs) -> list:
+        """The refs (anything with a ``.name``) this run has still to write, in order; refuses a
+        partial file with repeated rows or rows of inputs not in ``refs``."""
+        done = set(self.done)
+        if len(done) != len(self.done) or not done <= {r.name for r in refs}:
+            self.refuse("holds repeated rows or rows of inputs not in this run")
+        return [r for r in refs if r.name not in done]
+
     def refuse(self, why: str):
         raise ValueError(f"{self.partial}: {why}; delete it and {self.sidecar_path.name} (or pass "
                          "--overwrite) to start over")

@@ -406,12 +406,9 @@ def write_attribution(registry: Registry, refs: Sequence, out, *, sidecar: dict,
     detectors = registry.detectors
     check_int("--batch-size", batch_size)
     with PartialOutput(out, fmt, sidecar, overwrite=overwrite) as sink:
-        done = set(sink.done)
-        if len(done) != len(sink.done) or not done <= set(names):
-            sink.refuse("holds repeated rows or rows of inputs not in this run")
-        todo = [r for r in refs if r.name not in done]
-        with tqdm(total=len(refs), initial=len(done), disable=not progress, desc="attributing",
-                  unit="img") as bar:
+        todo = sink.remaining(refs)
+        with tqdm(total=len(refs), initial=len(refs) - len(todo), disable=not progress,
+                  desc="attributing", unit="img") as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 x = read_images(batch, registry.output_range, shape=registry.image_shape,
@@ -422,7 +419,7 @@ def write_attribution(registry: Registry, refs: Sequence, out, *, sidecar: dict,
                 sink.append(fmt.lines([r.name for r in batch], scores, p, claims(p, alpha)),
                             len(batch))
                 bar.update(len(batch))
-        return sink.finish(len(refs)), len(done)
+        return sink.finish(len(refs)), len(refs) - len(todo)
 
 
 # -- the demo's confusion table of claims ----------------------------------------------------------

@@ -167,12 +167,9 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
     score_batches(detector, [], batch_size=batch_size, perturbation=perturbation,
                   x_range=x_range, clip=clip, features_from=features_from)  # checks the arguments
     with PartialOutput(out, fmt, sidecar, overwrite=overwrite) as sink:
-        done = set(sink.done)
-        if len(done) != len(sink.done) or not done <= set(names):
-            sink.refuse("holds repeated rows or rows of inputs not in this run")
-        todo = [r for r in refs if r.name not in done]
-        with tqdm(total=len(refs), initial=len(done), disable=not progress, desc="scoring",
-                  unit="img") as bar:
+        todo = sink.remaining(refs)
+        with tqdm(total=len(refs), initial=len(refs) - len(todo), disable=not progress,
+                  desc="scoring", unit="img") as bar:
             for batch, scores in score_batches(detector, todo, output_range=output_range,
                                                batch_size=batch_size, perturbation=perturbation,
                                                seed=seed, x_range=x_range, clip=clip,
@@ -181,4 +178,4 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
                                       p_values(detector.val_scores_, scores),
                                       detector.thresholds_), len(batch))
                 bar.update(len(batch))
-        return sink.finish(len(refs)), len(done)
+        return sink.finish(len(refs)), len(refs) - len(todo)
