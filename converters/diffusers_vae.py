@@ -27,9 +27,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
+from flipad_jax import features
 from flipad_jax._checks import check_int
 from flipad_jax._files import sha256_file
 from converters.convert import Conversion, convert
@@ -38,7 +40,6 @@ from converters.loading import Source
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 HEAD_LAYER = "vae.decoder.conv_out"
-DOWNSAMPLE = ("crop", "maxpool")
 OUTPUT_RANGE = (-1.0, 1.0)
 CLAMP_NOTE = ("images are clamp(decoder output, -1, 1); the target is the image itself (o = x), "
               "so clamped pixels are fitted at +-1, as in the reference")
@@ -150,9 +151,10 @@ def convert_diffusers(path, out, *, downsample: str = "crop", downsample_size: i
     Args:
       path: the VAE folder (or a pipeline folder with ``vae/``); see :func:`load_vae_decoder`.
       out: the bundle folder to create (must not exist unless ``overwrite``).
-      downsample: how FLIPAD features are reduced, recorded in the bundle for ``flipad fit``:
-        "crop" (the central ``downsample_size`` square, the reference's SD setting: 128 of the
-        512×512 map) or "maxpool" (max pool down to ``downsample_size``).
+      downsample, downsample_size: how FLIPAD features are reduced, recorded in the bundle
+        (``features``) as the default of ``flipad fit``: "crop" (the central square, the
+        reference's SD setting: 128 of the 512×512 map) or "maxpool" (max pool down to the
+        size; :func:`flipad_jax.features.downsample`).
       latent_shape: per-sample latent shape (default from the config: SD 4×64×64).
       samples: latents for z̄ (default 5000, the reference's ``num_avg_act``); seed: their seed.
       batch_size: latents per decoder call; device: torch device (default CUDA, MPS, CPU).
@@ -164,11 +166,16 @@ def convert_diffusers(path, out, *, downsample: str = "crop", downsample_size: i
       :class:`~converters.convert.Conversion`. Raises ``ValueError`` (and writes nothing) on any
       refusal.
     """
-    if downsample not in DOWNSAMPLE:
-        raise ValueError(f"downsample={downsample!r}: expected one of {list(DOWNSAMPLE)}")
+    if downsample not in features.DOWNSAMPLE_MODES:  # before the (slow) load
+        raise ValueError(f"downsample={downsample!r}: expected one of "
+                         f"{list(features.DOWNSAMPLE_MODES)}")
     check_int("downsample_size", downsample_size)
     source = load_vae_decoder(path, latent_shape=latent_shape)
     decoder = source.model
+    # conv_out's input has the image's size: the latent's, doubled by each up block but the last
+    factor = 2 ** (len(decoder.vae.config.block_out_channels) - 1)
+    activations = np.zeros((1, 1) + tuple(d * factor for d in source.latent_shape[1:]), np.float32)
+    features.downsample(activations, downsample_size, downsample)  # refuses a size maxpool can't
     notes = {"features": {"downsample": downsample, "size": int(downsample_size)},
              "diffusers": {"scaling_factor": decoder.scaling_factor,
                            "shift_factor": decoder.shift_factor, "clamp": CLAMP_NOTE,
