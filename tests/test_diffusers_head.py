@@ -105,7 +105,7 @@ def test_inverting_a_decoded_image_meets_the_lasso_optimality_conditions(bundle)
     with jax.enable_x64(True):
         head = fj.Head.load(bundle, dtype=jnp.float64)
         res = head.invert(x, lam=lam, max_iter=20000, tol=1e-12)
-        z, zbar = np.asarray(res.z), np.asarray(head.zbar)
+        z, zbar = np.array(res.z), np.array(head.zbar)
         weight, bias = np.array(head.op.weight), np.array(head.bias)  # writable, for torch
     assert int(np.asarray(res.clipped).sum()) == 0  # identity: the target is x, nothing moved
     w = torch.from_numpy(weight)
@@ -139,6 +139,26 @@ def test_features_of_a_diffusers_head_are_centre_crops(bundle):
     config = fj.FeatureConfig(downsample="crop", pool_to=8, lasso=fj.LassoOptions(max_iter=5))
     full = config.replace(pool_to=None).extract(images, head)
     np.testing.assert_array_equal(config.extract(images, head), np.asarray(full)[:, :, 4:12, 4:12])
+
+
+@pytest.mark.slow
+def test_fit_takes_the_bundles_downsample_unless_told(bundle, tmp_path):
+    rng = np.random.default_rng(0)
+    x, _ = _decode64(torch.from_numpy(rng.standard_normal((40, 4, 8, 8), np.float32)))
+    np.save(tmp_path / "g.npy", np.clip(x, -1, 1).astype(np.float32))
+    np.save(tmp_path / "other.npy", rng.uniform(-1, 1, (30, 3, 16, 16)).astype(np.float32))
+    base = ["fit", "--features", "flipad", "--bundle", str(bundle), "--model",
+            str(tmp_path / "g.npy"), "--other", str(tmp_path / "other.npy"), "--val-fraction",
+            "0.5", "--max-iter", "20", "--fnr", "0.05", "--epochs", "1", "--batch-size", "16",
+            "--network-opt",
+            "widths=[8,8]", "--network-opt", "rep_dim=8", "--quiet"]
+    told = {"recorded": [], "told": ["--downsample", "maxpool", "--pool-to", "8"]}
+    for name, flags in told.items():
+        assert main(base + flags + ["--out", str(tmp_path / name)]) == 0
+    recorded = fj.Detector.load(tmp_path / "recorded", progress=False).feature_config
+    assert (recorded.downsample, recorded.pool_to) == ("crop", 128)
+    told = fj.Detector.load(tmp_path / "told", progress=False).feature_config
+    assert (told.downsample, told.pool_to) == ("maxpool", 8)
 
 
 # -- refusals -----------------------------------------------------------------------------------
