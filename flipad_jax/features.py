@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flipad_jax._checks import check_int
+from flipad_jax.bundle import DOWNSAMPLE_MODES
 from flipad_jax.head import DEFAULT_LAM
 from flipad_jax.lasso import LassoOptions, Status
 
@@ -40,7 +41,6 @@ FEATURE_KINDS = ("flipad", "raw", "dct", "sm_f")
 # normalised by its own score, never standardised.
 STANDARDIZE_ON = {"flipad": "inliers", "raw": None, "dct": "all", "sm_f": None}
 STANDARDIZE_CHOICES = ("inliers", "all", None)
-DOWNSAMPLE_MODES = ("maxpool", "crop")  # how FLIPAD activations are reduced to pool_to
 
 
 def _check_images(name: str, x):

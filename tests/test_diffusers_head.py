@@ -161,6 +161,17 @@ def test_fit_takes_the_bundles_downsample_unless_told(bundle, tmp_path):
     assert (told.downsample, told.pool_to) == ("maxpool", 8)
 
 
+def test_a_bad_recorded_downsample_is_refused_naming_the_field(bundle, tmp_path):
+    import shutil
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    meta = json.loads((copy / "head.json").read_text())
+    (copy / "head.json").write_text(json.dumps({**meta, "features": {"downsample": "avg",
+                                                                     "size": 128}}))
+    with pytest.raises(ValueError, match="field 'features.downsample' is 'avg'"):
+        fj.Head.load(copy)
+
+
 # -- refusals -----------------------------------------------------------------------------------
 def test_folder_without_config_is_refused(tmp_path, capsys):
     assert main(["convert", "--diffusers", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
