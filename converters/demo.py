@@ -308,6 +308,7 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
     _stage(timings, "sample", t)
 
     table1, table2 = [], []
+    claims_p = {}  # FLIPAD p-values per G and test source, for the table of claims
     for g in FAMILIES:
         for method, kind in METHODS.items():
             label = f"{method} {g}"
@@ -339,8 +340,10 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
             shown = [g] + others + ([TWINS[g]] if g in TWINS else [])
             t = time.perf_counter()
             feats = {s: det.features(images[s]["test"]) for s in shown}
-            scores = {s: det.score(f, precomputed=True) for s, f in feats.items()}
+            scores = {s: det.anomaly_score(f, precomputed=True) for s, f in feats.items()}
             _stage(timings, f"score {method}", t)
+            if kind == "flipad":
+                claims_p[g] = {s: metrics.p_values(det.val_scores_, v) for s, v in scores.items()}
             for rec in metrics.evaluate(scores[g], {s: scores[s] for s in others},
                                         det.thresholds_):
                 table1.append({"method": method, "model": g, **rec})
@@ -367,8 +370,13 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "weights": str(weights), "data": _data_note(settings)}
     sections = {TABLE1: table1, TABLE2: table2}
+    from flipad_jax.attribute import claims_table
+
+    claims = {f"{a:g}": claims_table(claims_p, a) for a in DEFAULT_FNRS}  # α = each fnr
+    results["claims"] = {a: counts for a, (_, counts) in claims.items()}
     report.write_text(out / "tables.md", report.tables_markdown(sections, DEFAULT_FNRS) + "\n\n"
-                      + table6_markdown(per_1000))
+                      + table6_markdown(per_1000) + "\n\n## Claims (FLIPAD, flipad attribute)"
+                      "\n\n" + "\n\n".join(md for md, _ in claims.values()))
     report.write_json(out / "tables.json", {"table1": table1, "table2": table2})
     report.write_json(out / "results.json", results)
     return results

@@ -163,7 +163,7 @@ def _cell(work: Path, p: Perturbation, method: str, g: str, head, sets, settings
             det.save(det_dir)
     others = [REAL] + [f for f in FAMILIES if f != g]
     with clock(f"score {method}"):
-        scores = {s: det.score(x[s]["test"]) for s in [g] + others}
+        scores = {s: det.anomaly_score(x[s]["test"]) for s in [g] + others}
     records = [{"perturbation": p.name, "method": method, "model": g, **r}
                for r in metrics.evaluate(scores[g], {s: scores[s] for s in others},
                                          det.thresholds_)]

@@ -187,7 +187,7 @@ def _sminv2_scores(weights: Path, work: Path, dataset: str, calibration: np.ndar
         det = SMInv2(Generator.load(folder), steps=settings.sminv_steps, seed=settings.seed,
                      progress=progress)
         scores = {"calibration": det.fit(calibration).train_scores_,
-                  **{name: det.score(x) for name, x in test.items()}}
+                  **{name: det.anomaly_score(x) for name, x in test.items()}}
         with atomic_file(path, suffix=".npz") as tmp:
             np.savez(tmp, **scores)
     with np.load(path, allow_pickle=False) as npz:
@@ -285,7 +285,7 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
                 det.save(det_dir)
             _stage(timings, f"fit {method}", t)
             t = time.perf_counter()
-            scores = {name: det.score(x, precomputed=rows)
+            scores = {name: det.anomaly_score(x, precomputed=rows)
                       for name, x in {G: g["test"], **sdv["test"]}.items()}
             _stage(timings, f"score {method}", t)
             for rec in metrics.evaluate(scores[G], {o: scores[o] for o in OTHERS},

@@ -37,3 +37,16 @@ def optional_int(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an int or 'none'") from None
+
+
+def float_pair(text: str) -> tuple:
+    """``LO,HI``: two numbers with LO < HI, e.g. ``0,255``."""
+    parts = text.split(",")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI, two numbers such as "
+                                         "0,255") from None
+    if not lo < hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO < HI")
+    return lo, hi

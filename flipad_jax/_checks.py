@@ -65,3 +65,16 @@ def check_finite(name: str, x) -> None:
     if not bool(jnp.all(finite)):
         count = int(jnp.size(finite) - jnp.sum(finite))
         raise ValueError(f"{name} holds {count} NaN/inf value(s): expected finite values")
+
+
+def check_labels(name: str, y, n: int, meanings: dict) -> np.ndarray:
+    """``y`` as int32 ``(n,)`` whose values are keys of ``meanings`` ({label: what it means},
+    named in the error), else a ValueError."""
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise ValueError(f"{name} has shape {y.shape}: expected ({n},), one label per sample")
+    values = set(np.unique(y).tolist())
+    if not values <= set(meanings):
+        expected = ", ".join(f"{k} ({v})" for k, v in meanings.items())
+        raise ValueError(f"{name} holds {sorted(values - set(meanings))}: expected {expected}")
+    return y.astype(np.int32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -27,7 +28,8 @@ META_FILE = "meta.json"
 ARRAYS_DIR = "arrays"
 
 
-def save(path, arrays, meta: dict, *, overwrite: bool = False) -> Path:
+def save(path, arrays, meta: dict, *, overwrite: bool = False,
+         write_extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``arrays`` (a pytree of arrays) and ``meta`` (JSON-able) to the folder ``path``.
 
     Args:
@@ -35,6 +37,8 @@ def save(path, arrays, meta: dict, *, overwrite: bool = False) -> Path:
       arrays: pytree of ``jax.Array``/``np.ndarray`` leaves.
       meta: JSON-able dict.
       overwrite: replace an existing checkpoint at ``path`` (otherwise ValueError).
+      write_extra: called with the temporary folder to add files of the caller's own (e.g. a
+        subfolder), which then move into place atomically with the rest.
 
     Returns:
       the absolute path written.
@@ -47,6 +51,8 @@ def save(path, arrays, meta: dict, *, overwrite: bool = False) -> Path:
         checkpointer.wait_until_finished()
         checkpointer.close()
         (tmp / META_FILE).write_text(meta_text)
+        if write_extra is not None:
+            write_extra(tmp)
     return path
 
 

@@ -12,6 +12,8 @@ Subcommands:
 * ``flipad explain`` (and ``flipad score --report``): a per-image evidence report;
   ``flipad verify`` recomputes one and says whether each record matches
   (:mod:`flipad_jax.evidence`).
+* ``flipad attribute`` (and ``flipad registry add``): which models of a registry claim each
+  image, open-world, with every model's p-value (:mod:`flipad_jax.attribute`).
 
 Every refused input prints ``flipad <command>: error: ...`` naming the file or value and what
 was expected, and exits with status 1; a usage error exits with 2 (argparse's convention), an
@@ -28,15 +30,17 @@ import argparse
 import sys
 
 from flipad_jax import sminv as sminv_defaults
-from flipad_jax._argparse import add_output_flags, key_value, optional_int, subparser
+from flipad_jax._argparse import (add_output_flags, float_pair, key_value, optional_int,
+                                  subparser)
 from flipad_jax.deepsad import DeepSADConfig
 from flipad_jax.features import DOWNSAMPLE_MODES, FeatureConfig
 
 # The CLI's defaults are the settings objects' (the paper's), read from one place.
 _FEATURES, _TRAINING = FeatureConfig(), DeepSADConfig()
 
-SRC_HELP = ("a folder of images, a glob pattern (quote it) or an .npy array (B, C, H, W): uint8 "
-            "pixels, or floats in the generator's output range")
+SRC_HELP = ("a folder of images, a glob pattern (quote it), an .npy array (B, C, H, W) of uint8 "
+            "pixels or floats in the generator's output range, or, for a tabular head, a .csv "
+            "of rows of numbers (header line optional)")
 
 INVERT_EXAMPLES = """\
 examples:
@@ -65,6 +69,7 @@ def _add_invert_parser(subparsers):
     p.add_argument("--tol", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_float_input_flags(p)
     p.set_defaults(func=_run_invert)
     return p
 
@@ -83,7 +88,7 @@ def _run_invert(args) -> int:
     out = Path(args.out if args.out.endswith(".npy") else args.out + ".npy")
     head = Head.load(args.bundle)
     images = load_images(args.images, head.output_range, shape=head.out_shape,
-                         shape_from="(the head's output)")
+                         shape_from="(the head's output)", **_float_inputs(args))
     options = LassoOptions.paper(head.op) if args.mode == "paper" else LassoOptions()
     changes = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol)) if v is not None}
     res = head.invert_batches(images, args.lam, batch_size=args.batch_size,
@@ -125,6 +130,28 @@ def _add_perturb_flags(p) -> None:
                    help="seed of --perturb noise (each image's noise also depends on its name)")
 
 
+def _add_float_input_flags(p) -> None:
+    p.add_argument("--x-range", type=float_pair, metavar="LO,HI",
+                   help="the scale of float array inputs, mapped onto the detector's image range "
+                        "(e.g. 0,255); default: they are in it already, and values outside it "
+                        "are refused. 8-bit pixels always map from 0-255")
+    p.add_argument("--clip", action="store_true",
+                   help="clip float inputs outside the image range into it on purpose instead "
+                        "of refusing them")
+
+
+def _float_inputs(args) -> dict:
+    return dict(x_range=args.x_range, clip=args.clip)
+
+
+def _float_input_note(args) -> str:
+    """What fit did to float inputs, for its summary line: the detector itself stores nothing of
+    it, as its inputs are always in its image range and the scale is a property of the files."""
+    if args.x_range is not None:
+        return f"; float inputs mapped from [{args.x_range[0]:g}, {args.x_range[1]:g}]"
+    return "; float inputs clipped into the image range" if args.clip else ""
+
+
 def _named_source(text: str) -> tuple:
     name, sep, source = text.partition("=")
     if not sep or not name or not source:
@@ -142,7 +169,7 @@ def _load_detector(path, bundle, generator=None):
     """(detector, pixel range) from a saved detector and, for FLIPAD, its head bundle (for
     SM-Inv₂, its generator bundle)."""
     from flipad_jax.detector import Detector
-    from flipad_jax.detector_io import HeadMismatchError, read_meta
+    from flipad_jax.detector_io import HeadMismatchError, embedded_bundle, read_meta
     from flipad_jax.head import Head
     from flipad_jax.sminv import SMInv2
 
@@ -153,10 +180,11 @@ def _load_detector(path, bundle, generator=None):
         gen = _load_generator(generator)
         return SMInv2.load(path, gen, progress=False), gen.output_range
     saved_head = read_meta(path)["head"]
+    bundle = bundle or embedded_bundle(path)
     if saved_head is not None and bundle is None:
         raise ValueError(f"{path}: a FLIPAD detector, fitted with the head of "
                          f"{(saved_head.get('source') or {}).get('file') or 'a bundle'}: expected "
-                         "--bundle DIR, the head bundle it was fitted with")
+                         "--bundle DIR, the head bundle it was fitted with (it carries none)")
     head = None if bundle is None else Head.load(bundle)
     try:
         detector = Detector.load(path, head=head, progress=False)
@@ -243,6 +271,7 @@ def _add_fit_parser(subparsers):
     p.add_argument("--seed", type=int, default=_TRAINING.seed,
                    help="seed of the validation split, the network and the shuffling")
     _add_perturb_flags(p)
+    _add_float_input_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_run_fit)
     return p
@@ -280,11 +309,11 @@ def _run_fit(args) -> int:
     pixels = _pixel_range(head)
     shape, shape_from = (None, "") if head is None else (head.out_shape,
                                                          f"(the output of --bundle {args.bundle})")
-    perturb = dict(perturbation=args.perturb, seed=args.perturb_seed)
+    reading = dict(perturbation=args.perturb, seed=args.perturb_seed, **_float_inputs(args))
     x_model = read_images(model_refs, pixels, shape=shape, shape_from=shape_from,
-                          progress=not args.quiet, **perturb)
+                          progress=not args.quiet, **reading)
     like = dict(shape=x_model.shape[1:], shape_from=f"(the images of --model {model_src})",
-                progress=not args.quiet, **perturb)
+                progress=not args.quiet, **reading)
     x_val = read_images(val_refs, pixels, **like)
     x_other = read_images(list_images(args.other), pixels, **like)
     recorded = {} if head is None else head.meta.get("features", {})
@@ -304,7 +333,7 @@ def _run_fit(args) -> int:
     detector.fit(x_model, x_other, x_val)
     path = detector.save(args.out, overwrite=args.overwrite)
     print(f"wrote {path} ({args.features}: {len(x_model)} of G's images, {len(x_other)} others, "
-          f"{len(x_val)} for validation)")
+          f"{len(x_val)} for validation{_float_input_note(args)})")
     for fnr, tau in sorted(detector.thresholds_.items()):
         print(f"  threshold at fnr={fnr:g}: {tau:.6g}")
     return 0
@@ -324,7 +353,8 @@ def _fit_sm_inv2(args) -> int:
     gen = _load_generator(args.generator)
     x = read_images(list_images(args.model), gen.output_range, shape=gen.out_shape,
                     shape_from=f"(the output of --generator {args.generator})",
-                    progress=not args.quiet, perturbation=args.perturb, seed=args.perturb_seed)
+                    progress=not args.quiet, perturbation=args.perturb, seed=args.perturb_seed,
+                    **_float_inputs(args))
     det = SMInv2(gen, restarts=args.restarts, steps=args.steps, fnrs=args.fnr or DEFAULT_FNRS,
                  seed=args.seed, progress=not args.quiet).fit(x)
     det.save(args.out, overwrite=args.overwrite)
@@ -356,7 +386,8 @@ def _add_score_parser(subparsers):
     p.add_argument("detector", help="detector folder written by `flipad fit`")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=SRC_HELP)
     p.add_argument("--out", required=True, help="output FILE.csv or FILE.jsonl")
-    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--bundle", help="head bundle (FLIPAD detectors; default: the one the "
+                   "detector folder carries)")
     p.add_argument("--generator", metavar="DIR",
                    help="generator bundle (required for SM-Inv₂ detectors)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
@@ -366,6 +397,7 @@ def _add_score_parser(subparsers):
                    help="also write an evidence report of these inputs to the new folder DIR "
                         "(scores them once more; see `flipad explain`)")
     _add_perturb_flags(p)
+    _add_float_input_flags(p)
     add_output_flags(p, "replace an existing OUT and --report DIR (and discard another run's "
                         "OUT.partial)")
     p.set_defaults(func=_run_score)
@@ -386,6 +418,12 @@ def _run_score(args) -> int:
     if args.report is not None:  # refused before scoring, not after
         from flipad_jax.evidence import check_detector
 
+        if args.x_range is not None or args.clip:
+            raise ValueError("--report with --x-range/--clip: an evidence record is recomputed "
+                             "from the input files as they are, so expected float inputs "
+                             "already in the detector's image range (drop --report, or map the "
+                             "arrays first)")
+        _check_report_inputs(refs)
         check_new_path(args.report, overwrite=args.overwrite)
         check_detector(detector)
     sidecar = dict(detector=str(Path(args.detector).absolute()),
@@ -393,7 +431,8 @@ def _run_score(args) -> int:
     path, resumed = scoring.write_scores(detector, refs, out, sidecar=sidecar,
                                          output_range=pixels, batch_size=args.batch_size,
                                          overwrite=args.overwrite, progress=not args.quiet,
-                                         perturbation=args.perturb, seed=args.perturb_seed)
+                                         perturbation=args.perturb, seed=args.perturb_seed,
+                                         **_float_inputs(args))
     print(f"wrote {path} ({len(refs)} rows" + (f", {resumed} of them resumed from an earlier run"
                                                if resumed else "") + ")")
     if args.report is not None:
@@ -421,7 +460,8 @@ def _add_explain_parser(subparsers):
     p.add_argument("detector", help="detector folder written by `flipad fit`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help=SRC_HELP)
     p.add_argument("--report", required=True, metavar="DIR", help="new report folder")
-    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--bundle", help="head bundle (FLIPAD detectors; default: the one the "
+                   "detector folder carries)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     _add_perturb_flags(p)
     add_output_flags(p, "replace an existing --report DIR")
@@ -429,11 +469,25 @@ def _add_explain_parser(subparsers):
     return p
 
 
+def _check_report_inputs(refs) -> None:
+    from flipad_jax.images import TABLE_SUFFIX
+
+    tables = sorted({r.path for r in refs if r.path.lower().endswith(TABLE_SUFFIX)})
+    if tables:
+        raise ValueError(f"{tables[0]}: a {TABLE_SUFFIX} table: evidence reports record and show "
+                         "images, expected image files or .npy arrays (score the rows without "
+                         "--report)")
+
+
 def _write_report(args, detector, refs):
     from flipad_jax.evidence import write_report
 
+    from flipad_jax.detector_io import embedded_bundle
+
+    bundle = args.bundle or embedded_bundle(args.detector)
     path, records = write_report(args.report, detector, refs, detector_path=args.detector,
-                                 bundle_path=args.bundle, batch_size=args.batch_size,
+                                 bundle_path=None if bundle is None else str(bundle),
+                                 batch_size=args.batch_size,
                                  perturbation=args.perturb, seed=args.perturb_seed,
                                  overwrite=args.overwrite, command=args.argv,
                                  progress=not args.quiet)
@@ -445,9 +499,11 @@ def _run_explain(args) -> int:
     from flipad_jax._files import check_new_path
     from flipad_jax.images import list_images
 
+    refs = list_images(args.inputs)
+    _check_report_inputs(refs)
     check_new_path(args.report, overwrite=args.overwrite)
     detector, _ = _load_detector(args.detector, args.bundle)
-    for rec in _write_report(args, detector, list_images(args.inputs)):
+    for rec in _write_report(args, detector, refs):
         verdicts = ", ".join(f"fnr {d['fnr']:g}: {'G' if d['made_by_g'] else 'not G'}"
                              for d in rec["decisions"])
         print(f"  {rec['image']['name']}: score {rec['score']:.6g}, p {rec['p_value']:.4g} "
@@ -501,7 +557,8 @@ def _add_evaluate_parser(subparsers):
                    help=f"G's test samples (repeatable): {SRC_HELP}")
     p.add_argument("--other", action="append", required=True, type=_named_source,
                    metavar="NAME=SRC", help="samples of another source G′ (repeatable)")
-    p.add_argument("--bundle", help="head bundle (required for FLIPAD detectors)")
+    p.add_argument("--bundle", help="head bundle (FLIPAD detectors; default: the one the "
+                   "detector folder carries)")
     p.add_argument("--generator", metavar="DIR",
                    help="generator bundle (required for SM-Inv₂ detectors)")
     p.add_argument("--out", metavar="REPORT_DIR",
@@ -510,6 +567,7 @@ def _add_evaluate_parser(subparsers):
     p.add_argument("--model-name", default="G", help="name of G in the table (default G)")
     p.add_argument("--batch-size", type=int, default=256, help="images read and scored at once")
     _add_perturb_flags(p)
+    _add_float_input_flags(p)
     add_output_flags(p)
     p.set_defaults(func=_run_evaluate)
     return p
@@ -536,7 +594,7 @@ def _run_evaluate(args) -> int:
     scores = {name: scoring.score_all(detector, refs, output_range=pixels,
                                       batch_size=args.batch_size, progress=not args.quiet,
                                       desc=f"scoring {name}", perturbation=args.perturb,
-                                      seed=args.perturb_seed)
+                                      seed=args.perturb_seed, **_float_inputs(args))
               for name, refs in sources.items()}
     s_model = scores.pop(args.model_name)
     method = args.method_name or METHOD_NAMES[detector.kind]
@@ -549,6 +607,7 @@ def _run_evaluate(args) -> int:
         title=f"{method} detector of {args.model_name}",
         meta=dict(detector=str(args.detector), method=method, model=args.model_name,
                   perturb=None if args.perturb is None else str(args.perturb),
+                  **_float_inputs(args),
                   sources=dict([(args.model_name, args.model)] + list(args.other)),
                   counts={name: len(refs) for name, refs in sources.items()}))
     print(table)
@@ -574,8 +633,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for entry in sorted(entry_points(group="flipad.subcommands"), key=lambda e: e.name):
         entry.load()(subparsers)
+    from flipad_jax._attribute_cli import add_attribute_parser, add_registry_parser
+
     for add in (_add_invert_parser, _add_fit_parser, _add_score_parser, _add_evaluate_parser,
-                _add_explain_parser, _add_verify_parser):
+                _add_explain_parser, _add_verify_parser, add_attribute_parser,
+                add_registry_parser):
         add(subparsers)
     return parser
 

@@ -40,7 +40,7 @@ import optax
 from flax import linen as nn
 from tqdm.auto import tqdm
 
-from flipad_jax._checks import check_finite, check_floating, check_int
+from flipad_jax._checks import check_finite, check_floating, check_int, check_labels
 from flipad_jax._optax import standard_promotion
 from flipad_jax.sharding import map_batches
 
@@ -176,17 +176,12 @@ def init_center(net: nn.Module, variables, x, *, eps: float = 0.1, batch_size: i
     return push_from_zero(jnp.asarray(z.astype(np.float64).mean(axis=0), jnp.float32), eps)
 
 
+SEMI_TARGETS = {1: "inlier", -1: "outlier", 0: "unlabelled"}  # DeepSAD's label convention
+
+
 def check_semi_targets(semi_targets, n: int):
     """``(n,)`` labels in {−1, 0, +1} as int32; ValueError otherwise."""
-    y = np.asarray(semi_targets)
-    if y.shape != (n,):
-        raise ValueError(f"semi_targets has shape {y.shape}: expected ({n},), one label per "
-                         "sample")
-    values = set(np.unique(y).tolist())
-    if not values <= {-1, 0, 1}:
-        raise ValueError(f"semi_targets holds {sorted(values - {-1, 0, 1})}: expected +1 "
-                         "(inlier), -1 (outlier) or 0 (unlabelled)")
-    return y.astype(np.int32)
+    return check_labels("semi_targets", semi_targets, n, SEMI_TARGETS)
 
 
 def train_deepsad(net: nn.Module, x, semi_targets, *, key, epochs: int = 50, lr: float = 5e-4,
@@ -379,8 +374,8 @@ class DeepSAD:
 
     ``fit(X, y)`` takes PyOD's labels: ``y == 1`` a known anomaly (DeepSAD label −1), ``y == 0``
     unlabelled (label 0, pulled to c like Deep SVDD); or ``semi_targets=`` in DeepSAD's own
-    convention (+1 inlier, −1 outlier, 0 unlabelled). ``decision_function(X)`` (alias
-    ``score``) is ‖φ(x) − c‖², higher = more anomalous.
+    convention (+1 inlier, −1 outlier, 0 unlabelled). ``decision_function(X)`` is PyOD's:
+    ‖φ(x) − c‖², higher = more anomalous.
 
     Args:
       config: :class:`DeepSADConfig` (default: the paper's settings).
@@ -401,10 +396,7 @@ class DeepSAD:
         if y is not None and semi_targets is not None:
             raise ValueError("y and semi_targets: expected at most one of them")
         if y is not None:
-            y = np.asarray(y)
-            if y.shape != (n,) or not set(np.unique(y).tolist()) <= {0, 1}:
-                raise ValueError(f"y has shape {y.shape} and values {np.unique(y)[:5]}: "
-                                 f"expected ({n},) with 1 = known anomaly, 0 = unlabelled")
+            y = check_labels("y", y, n, {1: "known anomaly", 0: "unlabelled"})
             semi_targets = np.where(y == 1, -1, 0)
         elif semi_targets is None:
             semi_targets = np.zeros(n, np.int32)  # all unlabelled: Deep SVDD
@@ -424,5 +416,3 @@ class DeepSAD:
         check_floating("X", X)
         check_finite("X", X)
         return score(self.net_, self.model_, X, batch_size=self.config.score_batch_size)
-
-    score = decision_function

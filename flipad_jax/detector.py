@@ -1,11 +1,21 @@
 """``fj.Detector``: "made by G?" from FLIPAD, RawPAD or DCTPAD features with DeepSAD, or the
 SM-F fingerprint baseline.
 
-PyOD's vocabulary: ``fit`` learns from G's samples (inliers, +1) and other samples (real data or
-another model's, outliers, −1); ``score(x)`` is higher for samples *less* likely made by G;
-``predict(x, fnr=...)`` is True where x is attributed to G (:func:`flipad_jax.metrics.made_by_g`:
-score ≤ τ(fnr), with τ the (1 − fnr) quantile of G's validation scores). Fitted attributes end
-in ``_``.
+Polarity, in names that say it. G's samples are the inliers; everything else is an outlier.
+
+* ``anomaly_score(x)``: higher = *less* likely made by G (DeepSAD's ‖φ(x) − c‖²; PyOD's
+  ``decision_function`` direction; the ``score`` column of ``flipad score``).
+* ``made_by_g(x, fnr)``: bool, True where x is attributed to G (:func:`flipad_jax.metrics.made_by_g`:
+  anomaly score ≤ τ(fnr), τ the (1 − fnr) quantile of G's validation scores).
+* scikit-learn's outlier-detector conventions: ``score_samples(x)`` = −anomaly score (lower =
+  more abnormal), ``decision_function(x)`` = τ − anomaly score (≥ 0: made by G), ``predict(x)``
+  = +1 made by G / −1 not, ``score(X, y)`` = accuracy of ``made_by_g`` against labels y (1 = G's
+  sample, 0 = not), ``fit(X, y)`` with such labels, ``get_params``/``set_params`` (so
+  ``sklearn.base.clone`` and ``cross_val_score`` work).
+* PyOD's fitted attributes: ``threshold_`` (τ at the first fnr), ``decision_scores_`` (anomaly
+  scores of G's validation samples, on which τ was set), ``labels_`` (1 where those exceed τ).
+
+Fitted attributes end in ``_``.
 
 Settings live in two objects with the paper's defaults: :class:`~flipad_jax.features.FeatureConfig`
 (how images become features: kind, λ and solver, pooling, standardisation, top-k) and
@@ -30,7 +40,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from flipad_jax._checks import check_floating
+from flipad_jax._checks import check_floating, check_labels
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel, fit_deepsad, score as deepsad_score
 from flipad_jax.features import FeatureConfig, Standardizer, downsample, top_channels
 from flipad_jax.metrics import (check_fnr, made_by_g, min_validation_samples, p_values,
@@ -82,6 +92,30 @@ def check_fnrs(fnrs) -> tuple:
     return fnrs
 
 
+LABELS = {1: "G's sample", 0: "any other"}  # scikit-learn's fit(X, y) and score(X, y)
+
+
+def split_labelled(x, y, x_val, val_fraction: float, seed: int) -> tuple:
+    """``(x_model, x_other, x_val)`` from labelled samples (scikit-learn's ``fit(X, y)``): G's
+    samples split at random into training and validation ones unless ``x_val`` is given."""
+    y = check_labels("y", y, len(x), LABELS)
+    x = np.asarray(x)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}: expected a fraction in (0, 1)")
+    model, other = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if len(model) == 0 or len(other) == 0:
+        raise ValueError(f"y has {len(model)} samples of G (1) and {len(other)} others (0): "
+                         "expected both")
+    if x_val is None:
+        model = np.random.default_rng(seed).permutation(model)
+        n_val = int(round(val_fraction * len(model)))
+        if not 0 < n_val < len(model):
+            raise ValueError(f"val_fraction={val_fraction} of {len(model)} samples of G leaves "
+                             f"{n_val} for validation: expected at least one each way")
+        x_val, model = x[model[:n_val]], model[n_val:]
+    return x[model], x[other], x_val
+
+
 class Detector:
     """Single-model attribution detector (FLIPAD, RawPAD or DCTPAD + DeepSAD; SM-F).
 
@@ -108,8 +142,37 @@ class Detector:
             raise ValueError("head=None: features='flipad' needs the generator's Head")
         self.training = training or DeepSADConfig()
         self.head = head
-        self.fnrs = check_fnrs(fnrs)
+        checked = check_fnrs(fnrs)
+        # kept as given when already canonical: sklearn's clone checks parameters by identity
+        self.fnrs = fnrs if fnrs == checked else checked
         self.progress = progress
+
+    # -- scikit-learn parameters ---------------------------------------------------------------
+
+    _PARAMS = {"features": "feature_config", "training": "training", "head": "head",
+               "fnrs": "fnrs", "progress": "progress"}
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's arguments (scikit-learn's protocol; ``deep`` has no nested
+        estimators to expand)."""
+        return {name: getattr(self, attr) for name, attr in self._PARAMS.items()}
+
+    def __sklearn_tags__(self):
+        """scikit-learn's estimator tags (only scikit-learn calls this, so it is installed then):
+        an outlier detector whose ``fit`` takes labels."""
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(estimator_type="outlier_detector", target_tags=TargetTags(required=True))
+
+    def set_params(self, **params) -> "Detector":
+        """Re-run the constructor with some arguments changed; drops any fitted state."""
+        unknown = sorted(set(params) - set(self._PARAMS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a Detector parameter; expected "
+                             f"{', '.join(self._PARAMS)}")
+        self.__init__(**{**self.get_params(), **params})
+        self._state = None
+        return self
 
     @property
     def kind(self) -> str:
@@ -134,6 +197,9 @@ class Detector:
     input_shape_ = property(lambda self: self.state_.input_shape)
     network_ = property(lambda self: self.state_.network)
     losses_ = property(lambda self: self.state_.losses)
+    threshold_ = property(lambda self: self.thresholds_[self.fnrs[0]])
+    decision_scores_ = property(lambda self: self.val_scores_)
+    labels_ = property(lambda self: (self.val_scores_ > self.threshold_).astype(np.int32))
 
     # -- features ------------------------------------------------------------------------------
 
@@ -182,10 +248,22 @@ class Detector:
 
     # -- fit / score / predict ----------------------------------------------------------------
 
-    def fit(self, x_model, x_other, x_val, *, precomputed: bool = False) -> "Detector":
+    def fit(self, x_model, x_other, x_val=None, *, precomputed: bool = False,
+            val_fraction: float = 0.2, seed: int = 0) -> "Detector":
         """Fit on G's samples ``x_model`` (+1), other samples ``x_other`` (−1) and G's held-out
         validation samples ``x_val`` (thresholds only). Images ``(n, C, H, W)``, or features with
-        ``precomputed=True``. Returns self."""
+        ``precomputed=True``. Returns self.
+
+        scikit-learn's form ``fit(X, y)``: ``y`` a 1-D label vector (1 = G's sample, 0 = any
+        other), told apart from ``x_other`` by its rank (samples have at least two axes); G's
+        samples are split at random (``seed``) into ``1 − val_fraction`` for training and
+        ``val_fraction`` for the thresholds, unless ``x_val`` is given.
+        """
+        if np.ndim(x_other) == 1:
+            x_model, x_other, x_val = split_labelled(x_model, x_other, x_val, val_fraction, seed)
+        elif x_val is None:
+            raise ValueError("x_val=None: expected G's validation samples (or labels y as the "
+                             "second argument, scikit-learn's fit(X, y))")
         fc = self.feature_config
         for fnr in self.fnrs:
             if len(x_val) < min_validation_samples(fnr):
@@ -232,20 +310,29 @@ class Detector:
         return deepsad_score(self._net, model, f, batch_size=self.training.score_batch_size,
                              progress=self.progress)
 
-    def score(self, x, *, precomputed: bool = False) -> np.ndarray:
+    def anomaly_score(self, x, *, precomputed: bool = False) -> np.ndarray:
         """Anomaly scores ``(n,)`` float32, higher = less likely made by G: ‖φ(x) − c‖²
         (DeepSAD) or −⟨f_G, r̂(x)⟩ (SM-F)."""
         state = self.state_
         f = self._standardize(state.standardizer, self._inputs("x", x, precomputed))
         return self._scores(state.model, f)
 
-    decision_function = score  # PyOD's name
+    def score_samples(self, x, *, precomputed: bool = False) -> np.ndarray:
+        """scikit-learn's sign: −anomaly score ``(n,)``, lower = less likely made by G."""
+        return -self.anomaly_score(x, precomputed=precomputed)
+
+    def decision_function(self, x, fnr: Optional[float] = None, *,
+                          precomputed: bool = False) -> np.ndarray:
+        """scikit-learn's sign: τ(fnr) − anomaly score ``(n,)``; ≥ 0 where x is attributed to
+        G, < 0 where not (fnr: as in :meth:`made_by_g`)."""
+        tau = self.threshold(self.fnrs[0] if fnr is None else fnr)
+        return (tau - self.anomaly_score(x, precomputed=precomputed)).astype(np.float32)
 
     def p_value(self, x, *, precomputed: bool = False) -> np.ndarray:
         """Split-conformal p-values of "made by G" from the validation scores, ``(n,)``
         (:func:`flipad_jax.metrics.p_values`): rejecting where p ≤ α has false-negative rate
         ≤ α for samples of G exchangeable with the validation set."""
-        return p_values(self.val_scores_, self.score(x, precomputed=precomputed))
+        return p_values(self.val_scores_, self.anomaly_score(x, precomputed=precomputed))
 
     def threshold(self, fnr: float) -> float:
         """τ(fnr): fitted value, or the (1 − fnr) quantile of ``val_scores_`` for another fnr."""
@@ -253,12 +340,23 @@ class Detector:
         fitted = self.thresholds_
         return fitted[fnr] if fnr in fitted else threshold(self.val_scores_, fnr)
 
+    def made_by_g(self, x, fnr: Optional[float] = None, *, precomputed: bool = False
+                  ) -> np.ndarray:
+        """``(n,)`` bool, True where x is attributed to G (anomaly score ≤ τ(fnr)); fnr
+        defaults to the smallest fitted one (the paper's 0.005 with the default ``fnrs``)."""
+        tau = self.threshold(self.fnrs[0] if fnr is None else fnr)
+        return made_by_g(self.anomaly_score(x, precomputed=precomputed), tau)
+
     def predict(self, x, fnr: Optional[float] = None, *, precomputed: bool = False
                 ) -> np.ndarray:
-        """``(n,)`` bool, True where x is attributed to G (score ≤ τ(fnr)); fnr defaults to the
-        smallest fitted one (the paper's 0.005 with the default ``fnrs``)."""
-        tau = self.threshold(self.fnrs[0] if fnr is None else fnr)
-        return made_by_g(self.score(x, precomputed=precomputed), tau)
+        """scikit-learn's outlier labels ``(n,)`` int32: +1 made by G (inlier), −1 not."""
+        return np.where(self.made_by_g(x, fnr, precomputed=precomputed), 1, -1).astype(np.int32)
+
+    def score(self, x, y, *, precomputed: bool = False) -> float:
+        """scikit-learn's ``score(X, y)``: accuracy of :meth:`made_by_g` at the first fnr
+        against labels y (1 = G's sample, 0 = not); what ``cross_val_score`` maximises."""
+        y = check_labels("y", y, len(x), LABELS)
+        return float(np.mean(self.made_by_g(x, precomputed=precomputed) == (y == 1)))
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -275,8 +373,9 @@ class Detector:
         Args:
           head: the generator's Head, needed to score *images* with FLIPAD features; it must be
             the head the detector was fitted with (checked by fingerprint; a mismatch raises
-            :class:`~flipad_jax.detector_io.HeadMismatchError`). Precomputed features need no
-            head.
+            :class:`~flipad_jax.detector_io.HeadMismatchError`). None: the head the folder
+            carries (a detector fitted on a bundle's head embeds it), checked the same way.
+            Precomputed features need no head.
           progress: override the saved progress setting.
         """
         from flipad_jax import detector_io
@@ -286,7 +385,7 @@ class Detector:
         det = cls.__new__(cls)
         det.feature_config, det.training, det.fnrs = saved.features, saved.training, saved.fnrs
         det.progress = saved.progress if progress is None else progress
-        det.head = head
+        det.head = saved.head_object
         network = saved.state.network
         det._net = None if network is None else build_network(network[0], **network[1])
         det._state = saved.state

@@ -8,12 +8,18 @@ shapes, channels, losses), the head's fingerprint and the library versions; ``ar
 network variables, the centre, the validation scores and the standardisation statistics.
 Restoring goes against the abstract state (``jax.eval_shape`` of the network's init), so a file
 whose arrays differ from what its metadata promises fails instead of loading.
+
+A FLIPAD detector whose head came from a bundle (``Head.load``) carries that bundle in
+``head/`` (:data:`HEAD_DIR`), so one folder is all a deployer ships; loading without a head
+reads it and checks it against the fingerprint in ``meta.json``. A head built in Python (no
+bundle metadata) is not embedded; such a detector needs ``head=`` to score images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import jax
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flipad_jax import checkpoint
+from flipad_jax.bundle import Bundle, write_bundle_files
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel
 from flipad_jax.detector import DetectorState, FingerprintModel
 from flipad_jax.features import FeatureConfig, Standardizer
@@ -29,6 +36,9 @@ FORMAT = "flipad-jax detector"
 FORMAT_VERSION = 2  # 2: settings as FeatureConfig / DeepSADConfig objects
 REQUIRED = ("head", "features", "training", "fnrs", "network", "feature_shape", "input_shape",
             "channels", "losses", "thresholds", "rep_dim", "n_val", "standardizer")
+
+
+HEAD_DIR = "head"
 
 
 class HeadMismatchError(ValueError):
@@ -42,6 +52,7 @@ class SavedDetector(NamedTuple):
     progress: bool
     state: DetectorState
     head: Optional[dict]  # the fitted head's fingerprint, shapes, activation and source
+    head_object: object  # the Head passed to load, or the embedded one, or None
 
 
 def head_fingerprint(head) -> str:
@@ -96,7 +107,24 @@ def save(path, detector, *, overwrite: bool = False):
             "out_shape": list(head.out_shape), "activation": head.activation.name,
             "source": head.meta.get("source")},
     }
-    return checkpoint.save(path, _arrays(state), meta, overwrite=overwrite)
+    embed = head is not None and "layer" in head.meta  # a head read from a bundle
+    if meta["head"] is not None:
+        meta["head"]["embedded"] = embed
+
+    def write_head(folder):
+        (folder / HEAD_DIR).mkdir()
+        bias = None if head.bias is None else np.asarray(head.bias)
+        write_bundle_files(folder / HEAD_DIR, Bundle(head.meta, np.asarray(head.op.weight), bias,
+                                                     np.asarray(head.zbar)))
+
+    return checkpoint.save(path, _arrays(state), meta, overwrite=overwrite,
+                           write_extra=write_head if embed else None)
+
+
+def embedded_bundle(path):
+    """The head bundle folder a detector at ``path`` carries, or None."""
+    folder = Path(path) / HEAD_DIR
+    return folder if folder.is_dir() else None
 
 
 def read_meta(path) -> dict:
@@ -130,10 +158,14 @@ def check_head(path, meta: dict, head) -> None:
 
 
 def load(path, *, head=None) -> SavedDetector:
-    """Read a detector folder written by :func:`save`, checking ``head`` against it."""
+    """Read a detector folder written by :func:`save`, checking ``head`` against it; without
+    one, the embedded head (if any) is read and checked (``SavedDetector.head_object``)."""
+    from flipad_jax.head import Head
     from flipad_jax.networks import build_network
 
     meta = read_meta(path)
+    if head is None and embedded_bundle(path) is not None:
+        head = Head.load(embedded_bundle(path))
     check_head(path, meta, head)
     feature_shape = tuple(meta["feature_shape"])
     f32 = jnp.float32
@@ -161,4 +193,4 @@ def load(path, *, head=None) -> SavedDetector:
         input_shape=None if meta["input_shape"] is None else tuple(meta["input_shape"]),
         losses=np.asarray(meta["losses"], np.float32))
     return SavedDetector(FeatureConfig(**meta["features"]), DeepSADConfig(**meta["training"]),
-                         tuple(meta["fnrs"]), bool(meta["progress"]), state, meta["head"])
+                         tuple(meta["fnrs"]), bool(meta["progress"]), state, meta["head"], head)

@@ -143,7 +143,7 @@ class Evidence(NamedTuple):
 def batch_values(detector, x) -> Evidence:
     """Score, p-value, decisions and certificate of images ``x`` ``(B, C, H, W)`` (decoded)."""
     features, inv = detector.features_and_inversion(x)
-    scores = np.asarray(detector.score(features, precomputed=True), np.float32)
+    scores = np.asarray(detector.anomaly_score(features, precomputed=True), np.float32)
     p = p_values(detector.val_scores_, scores)
     records = []
     for i, s in enumerate(scores):

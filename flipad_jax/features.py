@@ -5,8 +5,8 @@ tabular FLIPAD features), float32.
 
 * FLIPAD (paper §4.3): ẑ = ``head.invert(images).z``, then max-pooled to at most ``pool_to``
   spatially (the reference: LSGAN 64×64 → 32×32 with a 2×2 pool) or, with
-  ``downsample="crop"``, centre-cropped to ``pool_to`` (the reference's Stable Diffusion runs: 128 of 512×512), then
-  standardised with the *inliers'* training mean and std (+0.05).
+  ``downsample="crop"``, centre-cropped to ``pool_to`` (the reference's Stable Diffusion runs:
+  128 of 512×512), then standardised with the *inliers'* training mean and std (+0.05).
 * RawPAD: the images resized to ``size`` by nearest neighbour (``F.interpolate``'s default mode:
   source index ⌊i·H_in/H_out⌋, i.e. every other pixel for 64 → 32); not standardised.
 * DCTPAD: per channel log(|DCT-II(x)| + 1e-10) of the ``crop``×``crop`` centre crop, with the
@@ -14,6 +14,9 @@ tabular FLIPAD features), float32.
   ``norm=None``); standardised with the mean and std of *all* training features (+0.05).
 * SM-F: the grey PRNU noise residual of each image (:mod:`flipad_jax.prnu`), ``(B, H, W)``; the
   detector scores it against G's fingerprint instead of a DeepSAD network.
+
+RawPAD, DCTPAD and SM-F take images in [-1, 1] (FLIPAD: the head's output range); floats outside
+it are refused, naming the range found, unless ``x_range`` (their scale) or ``clip`` is given.
 
 The standardisation statistics are fitted on training data only (:class:`Standardizer`) and saved
 with the detector.
@@ -41,6 +44,7 @@ FEATURE_KINDS = ("flipad", "raw", "dct", "sm_f")
 # normalised by its own score, never standardised.
 STANDARDIZE_ON = {"flipad": "inliers", "raw": None, "dct": "all", "sm_f": None}
 STANDARDIZE_CHOICES = ("inliers", "all", None)
+PIXEL_RANGE = (-1.0, 1.0)  # the image range of RawPAD, DCTPAD and SM-F (8-bit pixels map onto it)
 
 
 def _check_images(name: str, x):
@@ -81,28 +85,44 @@ def _log_dct(x):
     return jnp.log(jnp.abs(coeffs) + LOG_EPS)
 
 
-def dct_features(images, crop: Optional[int] = 32):
-    """DCTPAD: log(|DCT-II₂D| + 1e-10) per channel of the centre crop (None: whole image)."""
+def _in_range(images, x_range, clip):
+    """Floating ``(B, C, H, W)`` images as float32 in [-1, 1], the range RawPAD, DCTPAD and SM-F
+    are fitted on (:func:`flipad_jax.images.floats_to_range`: mapped from ``x_range``, clipped
+    with ``clip``, else values outside it are refused)."""
+    from flipad_jax.images import floats_to_range
+
     x = _check_images("images", images)
+    return jnp.asarray(floats_to_range(np.asarray(x), PIXEL_RANGE, x_range=x_range, clip=clip,
+                                       name="images"))
+
+
+def dct_features(images, crop: Optional[int] = 32, *, x_range=None, clip: bool = False):
+    """DCTPAD: log(|DCT-II₂D| + 1e-10) per channel of the centre crop (None: whole image) of
+    images in [-1, 1] (``x_range``, ``clip``: as :func:`raw_features`)."""
+    x = _in_range(images, x_range, clip)
     if crop is not None:
         x = center_crop(x, crop)
     return _log_dct(x.astype(jnp.float32))
 
 
-def raw_features(images, size: Optional[int] = 32):
-    """RawPAD: images resized to ``size`` by nearest neighbour (None: unchanged)."""
-    x = _check_images("images", images).astype(jnp.float32)
+def raw_features(images, size: Optional[int] = 32, *, x_range=None, clip: bool = False):
+    """RawPAD: images in [-1, 1] resized to ``size`` by nearest neighbour (None: unchanged).
+
+    ``x_range``: the scale floats are given in (e.g. ``(0, 255)``), mapped onto [-1, 1] first;
+    ``clip``: clip values outside it on purpose. Without either, values outside [-1, 1] are
+    refused (they would mean a wrong scale)."""
+    x = _in_range(images, x_range, clip)
     return x if size is None or x.shape[-2:] == (size, size) else resize_nearest(x, size)
 
 
-def residual_features(images, x_range=(-1.0, 1.0)):
+def residual_features(images, *, x_range=None, clip: bool = False):
     """SM-F: the PRNU noise residual (:func:`flipad_jax.prnu.noise_residual`) of images in
-    ``x_range``, mapped to the 8-bit scale [0, 255] first. ``(B, C, H, W)`` → ``(B, H, W)``."""
+    [-1, 1] (``x_range``, ``clip``: as :func:`raw_features`), mapped to the 8-bit scale
+    [0, 255] first. ``(B, C, H, W)`` → ``(B, H, W)``."""
     from flipad_jax.prnu import noise_residual
 
-    x = np.asarray(_check_images("images", images), np.float64)
-    low, high = map(float, x_range)
-    return noise_residual(((x - low) * (255.0 / (high - low))).astype(np.float32))
+    x = np.asarray(_in_range(images, x_range, clip), np.float64)
+    return noise_residual(((x + 1.0) * 127.5).astype(np.float32))
 
 
 def max_pool_to(z, size: Optional[int] = 32):
@@ -153,12 +173,17 @@ def flipad_features(head, images, *, lam: float, pool_to: Optional[int] = 32,
     """
     res = head.invert_batches(images, lam, batch_size=batch_size, progress=progress,
                               **invert_kwargs)
-    bad = res.status == Status.NONFINITE
+    check_solved(res.status)
+    return downsample(jnp.asarray(res.z), pool_to, downsample_mode)
+
+
+def check_solved(status) -> None:
+    """Refuse inversions whose ``(B,)`` solver status says they went non-finite."""
+    bad = np.asarray(status) == Status.NONFINITE
     if bad.any():
         raise ValueError(f"images: the inversion of {int(bad.sum())} image(s) (indices "
                          f"{np.flatnonzero(bad)[:10].tolist()}) went non-finite: expected finite "
                          "activations")
-    return downsample(jnp.asarray(res.z), pool_to, downsample_mode)
 
 
 class Standardizer(NamedTuple):

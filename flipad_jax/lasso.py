@@ -77,6 +77,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from flipad_jax._checks import (check_batch, check_finite, check_floating, check_int,
@@ -361,8 +362,21 @@ def _certify(op, r, lam, delta):
     return _certificates(delta, residual, op.adjoint(residual), lam)
 
 
+class LassoNotConverged(RuntimeError):
+    """Raised by ``solve_lasso(..., throw=True)`` when a sample did not meet the stop rule;
+    ``result`` holds the :class:`LassoResult` all the same."""
+
+    def __init__(self, result: "LassoResult"):
+        self.result = result
+        status = np.asarray(result.status)
+        parts = [f"{int(np.sum(status == s))} of {status.size} sample(s) {s.message}"
+                 for s in (Status.MAX_ITER, Status.NONFINITE) if np.any(status == s)]
+        super().__init__("; ".join(parts) + " (throw=False returns them with their status)")
+
+
 def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOptions] = None,
-                lipschitz: Optional[float] = None, **overrides) -> LassoResult:
+                lipschitz: Optional[float] = None, throw: bool = False,
+                **overrides) -> LassoResult:
     """Solve ``min_z ½‖A z + b − o‖² + λ‖z − anchor‖₁`` for every sample of a batch.
 
     Algorithm, restart, certificates and stopping rules: see the module docstring.
@@ -377,11 +391,13 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
       options: :class:`LassoOptions` (default ``LassoOptions()``; the reference solver is
         ``LassoOptions.paper(op)``).
       lipschitz: L = ‖A‖² if known (e.g. from a previous result or the head bundle).
+      throw: raise :class:`LassoNotConverged` if any sample ends other than CONVERGED.
       **overrides: fields of ``options`` to change for this call (max_iter, tol, stop, step,
         restart, start, lipschitz_margin).
 
     Returns:
-      :class:`LassoResult`. Non-convergence is reported per sample in ``status``, never raised.
+      :class:`LassoResult`. Non-convergence is reported per sample in ``status`` and raised
+      only with ``throw=True``.
 
     Differentiable (reverse mode) in o, lam, anchor and the operator's arrays by implicit
     differentiation at the solution (module docstring); not through ``init``, on which the
@@ -451,5 +467,8 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
                                            (float(step), float(tol), max_iter, restart, stop))
     objective, gap, kkt = _certify(op, r, lam, delta)
     z = op.from_internal(delta) + anchor
-    return LassoResult(z=z, iterations=iterations, objective=objective, gap=gap, kkt=kkt,
-                       status=status, lipschitz=lipschitz, step=float(step))
+    result = LassoResult(z=z, iterations=iterations, objective=objective, gap=gap, kkt=kkt,
+                         status=status, lipschitz=lipschitz, step=float(step))
+    if throw and not bool(jnp.all(result.converged)):
+        raise LassoNotConverged(result)
+    return result

@@ -170,6 +170,19 @@ class _LinearOperator:
         y = check_batch("y", y, self.out_shape, "the operator's output")
         return self.from_internal(self.adjoint(self.out_to_internal(y)))
 
+    def as_lineax(self):
+        """The linear map A (one sample, no bias) as a ``lineax.FunctionLinearOperator``:
+        ``mv`` maps ``in_shape`` → ``out_shape``, ``transpose()`` is the adjoint (by JAX's
+        linear transposition of the same map), ``in_structure()`` the input's shape and dtype.
+        Needs lineax (``pip install flipad-jax[lineax]``)."""
+        try:
+            import lineax
+        except ImportError as err:  # an optional extra
+            raise ImportError("as_lineax() needs lineax: pip install 'flipad-jax[lineax]'") \
+                from err
+        structure = jax.ShapeDtypeStruct(self.in_shape, self.dtype)
+        return lineax.FunctionLinearOperator(lambda z: self(z[None])[0], structure)
+
     def lipschitz(self, *, rtol: float = 1e-6, max_steps: int = 1024, key=None) -> float:
         """‖A‖₂² = λ_max(AᵀA), the Lipschitz constant of ∇½‖Az − o‖², by Lanczos iteration.
 

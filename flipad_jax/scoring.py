@@ -55,12 +55,13 @@ def shard(refs: Sequence[ImageRef], k: int, n: int) -> list[ImageRef]:
 
 
 def score_batches(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0),
-                  batch_size: int = 256, perturbation=None, seed: int = 0
-                  ) -> Iterator[tuple[list[ImageRef], np.ndarray]]:
+                  batch_size: int = 256, perturbation=None, seed: int = 0, x_range=None,
+                  clip: bool = False) -> Iterator[tuple[list[ImageRef], np.ndarray]]:
     """Yield ``(refs_batch, scores)`` for consecutive batches of ``refs``, reading only one batch
     of images at a time; images are checked against the detector's input shape, and perturbed
-    first if ``perturbation`` is given (:func:`flipad_jax.images.read_images`). The arguments
-    are checked at the call, before any image is read."""
+    first if ``perturbation`` is given, float arrays mapped from ``x_range`` or clipped with
+    ``clip`` (:func:`flipad_jax.images.read_images`). The arguments are checked at the call,
+    before any image is read."""
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"--batch-size {batch_size!r}: expected an int >= 1")
     shape = detector.input_shape_
@@ -73,21 +74,22 @@ def score_batches(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0
             batch = list(refs[start:start + batch_size])
             images = read_images(batch, output_range, shape=shape,
                                  shape_from="(the detector's input shape)",
-                                 perturbation=perturbation, seed=seed)
-            yield batch, np.asarray(detector.score(images), np.float32)
+                                 perturbation=perturbation, seed=seed, x_range=x_range,
+                                 clip=clip)
+            yield batch, np.asarray(detector.anomaly_score(images), np.float32)
 
     return batches()
 
 
 def score_all(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0),
               batch_size: int = 256, progress: bool = False, desc: str = "scoring",
-              perturbation=None, seed: int = 0) -> np.ndarray:
+              perturbation=None, seed: int = 0, x_range=None, clip: bool = False) -> np.ndarray:
     """Scores of all ``refs`` (in order), computed batch by batch as in :func:`score_batches`."""
     out = []
     with tqdm(total=len(refs), disable=not progress, desc=desc, unit="img") as bar:
         for batch, scores in score_batches(detector, refs, output_range=output_range,
                                            batch_size=batch_size, perturbation=perturbation,
-                                           seed=seed):
+                                           seed=seed, x_range=x_range, clip=clip):
             out.append(scores)
             bar.update(len(batch))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
@@ -119,8 +121,8 @@ def check_output(out, *, overwrite: bool = False) -> Path:
 
 def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
                  output_range=(-1.0, 1.0), batch_size: int = 256, overwrite: bool = False,
-                 progress: bool = False, perturbation=None, seed: int = 0
-                 ) -> tuple[Path, int]:
+                 progress: bool = False, perturbation=None, seed: int = 0, x_range=None,
+                 clip: bool = False) -> tuple[Path, int]:
     """Score ``refs`` with ``detector`` into ``out`` (.csv or .jsonl), resumably (module doc).
 
     Args:
@@ -131,6 +133,8 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
       overwrite: replace an existing ``out``; discard a partial file of another run.
       perturbation, seed: perturb the 8-bit inputs first (recorded in the sidecar, so a resumed
         run must use the same).
+      x_range, clip: the scale of float inputs, or clip them (:func:`score_batches`; recorded in
+        the sidecar like ``perturbation``).
 
     Returns:
       ``(out, resumed)``: the path written and how many rows came from an earlier run.
@@ -139,7 +143,9 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
     fmt = row_format(out, detector.thresholds_)
     names = [r.name for r in refs]
     sidecar = dict(sidecar, inputs_sha256=inputs_digest(names), n_inputs=len(names),
-                   perturb=None if perturbation is None else [str(perturbation), seed])
+                   perturb=None if perturbation is None else [str(perturbation), seed],
+                   x_range=None if x_range is None else [float(v) for v in x_range],
+                   clip=bool(clip))
     score_batches(detector, [], batch_size=batch_size)  # checks the arguments
     with PartialOutput(out, fmt, sidecar, overwrite=overwrite) as sink:
         done = set(sink.done)
@@ -150,7 +156,7 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
                   unit="img") as bar:
             for batch, scores in score_batches(detector, todo, output_range=output_range,
                                                batch_size=batch_size, perturbation=perturbation,
-                                               seed=seed):
+                                               seed=seed, x_range=x_range, clip=clip):
                 sink.append(fmt.lines([r.name for r in batch], scores,
                                       p_values(detector.val_scores_, scores),
                                       detector.thresholds_), len(batch))

@@ -210,8 +210,8 @@ def reconstruct(generator: Generator, images, *, key, restarts: int = RESTARTS,
 class SMInv2:
     """The SM-Inv₂ detector: scores by :func:`reconstruct`, thresholds on G's training samples.
 
-    PyOD's conventions, like :class:`flipad_jax.Detector`: a higher score means less likely made
-    by G; ``predict`` is True for "made by G" (score ≤ τ).
+    The names of :class:`flipad_jax.Detector`: ``anomaly_score`` is higher for less likely made
+    by G; ``made_by_g`` is True for "made by G" (anomaly score ≤ τ).
 
     Args:
       generator: the generator G to attribute to.
@@ -269,13 +269,13 @@ class SMInv2:
     def input_shape_(self) -> tuple:
         return tuple(self.generator.out_shape)
 
-    def score(self, x) -> np.ndarray:
+    def anomaly_score(self, x) -> np.ndarray:
         """s(x) ``(n,)``: the best restart's reconstruction distance."""
         return self._reconstruct(x, 1).distance
 
     def p_value(self, x) -> np.ndarray:
         """Split-conformal p-values of "made by G", calibrated on the training scores."""
-        return p_values(self.val_scores_, self.score(x))
+        return p_values(self.val_scores_, self.anomaly_score(x))
 
     def threshold(self, fnr: float) -> float:
         """τ(fnr), fitted or computed from the stored training scores."""
@@ -284,10 +284,10 @@ class SMInv2:
         return self.thresholds_[fnr] if fnr in self.thresholds_ else \
             threshold(self.train_scores_, fnr)
 
-    def predict(self, x, fnr: Optional[float] = None) -> np.ndarray:
+    def made_by_g(self, x, fnr: Optional[float] = None) -> np.ndarray:
         """True where x is attributed to G (s(x) ≤ τ(fnr)); fnr defaults to the smallest fitted."""
         tau = self.threshold(self.config["fnrs"][0] if fnr is None else fnr)
-        return made_by_g(self.score(x), tau)
+        return made_by_g(self.anomaly_score(x), tau)
 
     def _check_fitted(self):
         if not hasattr(self, "thresholds_"):

@@ -134,6 +134,32 @@ def read_numeric_csv(path, columns: Optional[Sequence[str]] = None, *, header: b
     return _numbers(path, names, numbers, rows)
 
 
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def read_csv_rows(path, *, delimiter: str = ",") -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a numeric CSV with an optional header, and their line numbers.
+
+    Line 1 is a header when none of its cells is a number (so a data row with one bad cell is
+    refused, not taken for a header). Refusals as :func:`read_numeric_csv`: every row must have
+    the header's (or the first row's) width and finite numbers in every cell.
+
+    Returns:
+      ``(lines, values)``: ``(n,)`` int64 line numbers in the file (1-based, as errors name
+      them) and float64 ``(n, width)``.
+    """
+    path = Path(path)
+    first = next(_lines(path, delimiter), None)
+    header = first is not None and not any(_is_number(c) for c in first[1])
+    names, numbers, rows = _table(path, None, header=header, delimiter=delimiter)
+    return np.asarray(numbers, np.int64), _numbers(path, names, numbers, rows)
+
+
 def load_wine(path=None) -> dict[str, np.ndarray]:
     """The wine rows: ``{"redwine": (1599, 11), "whitewine": (4898, 11)}`` float64, in file order.
 

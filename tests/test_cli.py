@@ -12,6 +12,7 @@ from flipad_jax.cli import main
 from flipad_jax.images import load_images
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_convert_sample_invert(tmp_path):
     torch = pytest.importorskip("torch")

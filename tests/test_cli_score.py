@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from flipad_jax import _partial, metrics
 from flipad_jax.bundle import Bundle, write_bundle
 from flipad_jax.cli import main
 from flipad_jax.detector import Detector
+from flipad_jax.detector_io import HeadMismatchError
 from tests.test_head_bundle import _meta
 
 TINY = ["--fnr", "0.05", "--epochs", "4", "--batch-size", "32", "--network-opt",
@@ -101,7 +103,7 @@ def test_kill_half_way_then_resume_scores_every_input_once(setup, tmp_path):
     names = [r[0] for r in rows[1:]]
     assert names == [f"{tmp_path / 'big.npy'}[{i}]" for i in range(n_rows)]  # each once, in order
     scores = np.array([float(r[1]) for r in rows[1:]])
-    np.testing.assert_allclose(scores, det.score(x), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scores, det.anomaly_score(x), rtol=0, atol=1e-6)
     tau = det.thresholds_[0.05]
     assert [r[3] for r in rows[1:]] == ["true" if s <= tau else "false" for s in scores]
     # the same bytes as one uninterrupted run with the same batches (other batch sizes may
@@ -139,7 +141,7 @@ def test_full_disk_keeps_the_partial_for_resume(setup, tmp_path, monkeypatch, ca
     assert _score(d / "det0", d / "test_model.npy", out=out, extra=["--batch-size", "8"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["path"] for r in rows] == [f"{d / 'test_model.npy'}[{i}]" for i in range(40)]
-    np.testing.assert_allclose([r["score"] for r in rows], det.score(arrays["test_model"]),
+    np.testing.assert_allclose([r["score"] for r in rows], det.anomaly_score(arrays["test_model"]),
                                atol=1e-6, rtol=0)
     assert all(set(r["verdict"]) == {"0.05"} for r in rows)
     assert f"{len(kept)} of them resumed" in capsys.readouterr().out
@@ -201,7 +203,7 @@ def test_bad_images_are_refused_naming_the_file(setup, tmp_path, capsys):
     assert [r[0] for r in rows[1:]] == [str(folder / f"{i}.png") for i in range(3)]
     pixels = np.stack([np.asarray(Image.open(folder / f"{i}.png")) for i in range(3)])[:, None]
     np.testing.assert_allclose([float(r[1]) for r in rows[1:]],
-                               det.score(pixels / 255.0 * 2 - 1), atol=1e-6)
+                               det.anomaly_score(pixels / 255.0 * 2 - 1), atol=1e-6)
     out.unlink()
 
     cases = {
@@ -296,15 +298,32 @@ def test_flipad_detector_needs_its_own_head(tmp_path, capsys):
     loaded = Detector.load(det, head=head)
     noise = np.load(tmp_path / "noise.npy")
     np.testing.assert_allclose([json.loads(l)["score"] for l in out.read_text().splitlines()],
-                               loaded.score(noise), atol=1e-6, rtol=0)
+                               loaded.anomaly_score(noise), atol=1e-6, rtol=0)
     out.unlink()
     assert _score(det, tmp_path / "noise.npy", out=out, extra=["--bundle", str(other_bundle)]) == 1
     err = _error(capsys)
     assert f"--bundle {other_bundle} does not belong to the detector {det}" in err
     assert "fingerprint" in err
+    # one folder is enough: the detector carries its head bundle and checks it on load
+    assert (det / "head" / "head.json").is_file()
+    assert _score(det, tmp_path / "noise.npy", out=out) == 0
+    np.testing.assert_allclose([json.loads(l)["score"] for l in out.read_text().splitlines()],
+                               loaded.anomaly_score(noise), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(Detector.load(det).anomaly_score(noise),
+                                  loaded.anomaly_score(noise))
+    out.unlink()
+    # a changed embedded z̄ (weights and ‖A‖² untouched) fails the fingerprint check
+    from flipad_jax.bundle import read_bundle
+    embedded = read_bundle(det / "head")
+    shutil.rmtree(det / "head")
+    write_bundle(det / "head", embedded._replace(zbar=embedded.zbar + 0.01))
+    with pytest.raises(HeadMismatchError, match="fingerprint"):
+        Detector.load(det)
+    shutil.rmtree(det / "head")
     assert _score(det, tmp_path / "noise.npy", out=out) == 1
     err = _error(capsys)
     assert f"{det}: a FLIPAD detector" in err and "expected --bundle DIR" in err
+    assert "it carries none" in err
     assert not out.exists() and not (tmp_path / "s.jsonl.partial").exists()
 
 
@@ -343,7 +362,7 @@ def test_score_shards_and_evaluate_end_to_end(setup, tmp_path, suffix, capsys):
     assert len(rows) == 70 and len(got) == 70
     x = np.concatenate([arrays["test_model"], arrays["test_other"]])
     names = [f"{inputs[0]}[{i}]" for i in range(40)] + [f"{inputs[1]}[{i}]" for i in range(30)]
-    scores = det.score(x)
+    scores = det.anomaly_score(x)
     np.testing.assert_allclose([got[n][0] for n in names], scores, atol=1e-6, rtol=0)
     assert [got[n][1] for n in names] == list(scores <= det.thresholds_[0.05])
     # three shards, concatenated (CSV: one header), give the same file

@@ -30,6 +30,7 @@ def setup(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_fit_score_evaluate_sm_inv2(setup, tmp_path):
     d = setup
     det = tmp_path / "det"

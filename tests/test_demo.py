@@ -29,6 +29,7 @@ def test_pull_away_term_closed_forms():
     assert float(_pull_away(codes)) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_every_family_trains_its_generator(arch):
     torch.manual_seed(0)
@@ -124,6 +125,10 @@ def test_quick_demo_end_to_end_quality_and_resume(tmp_path, monkeypatch):
             assert (out / f"hist_{method}_{g}.png").is_file()
     tables = (out / "tables.md").read_text()
     assert "Table 2" in tables and "Table 6 analog" in tables
+    claims = results["claims"]["0.05"]  # the table of claims (flipad_jax.attribute)
+    assert "Claims at α = 0.05" in tables and set(claims) == {"real", *FAMILIES}
+    for g in FAMILIES:  # each G claims its own test images at about 1 − α (conformal validity)
+        assert claims[g][g] >= 0.9 * claims[g]["n"], claims[g]
     # the Table-6 analog: every method's features and fit timed, per 1000 samples
     assert set(results["timings_per_1000"]) == set(METHODS)
     for cost in results["timings_per_1000"].values():

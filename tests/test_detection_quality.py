@@ -37,7 +37,7 @@ def twins():
 
 
 def _auc(det, data):
-    return fj.metrics.roc_auc(det.score(data["test_model"]), det.score(data["test_other"]))
+    return fj.metrics.roc_auc(det.anomaly_score(data["test_model"]), det.anomaly_score(data["test_other"]))
 
 
 @pytest.mark.slow
@@ -92,7 +92,7 @@ def test_top_k_keeps_the_channel_that_differs_and_ignores_the_others(shifted_cha
     probe = inliers[:10].copy()
     moved = probe.copy()
     moved[:, [0, 1, 3]] += np.random.default_rng(1).normal(size=(10, 3, 8, 8)) * 5
-    np.testing.assert_array_equal(det.score(moved, precomputed=True),
-                                  det.score(probe, precomputed=True))
+    np.testing.assert_array_equal(det.anomaly_score(moved, precomputed=True),
+                                  det.anomaly_score(probe, precomputed=True))
     probe[:, 2] += 5
-    assert np.all(det.score(probe, precomputed=True) != det.score(moved, precomputed=True))
+    assert np.all(det.anomaly_score(probe, precomputed=True) != det.anomaly_score(moved, precomputed=True))

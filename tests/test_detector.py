@@ -54,18 +54,18 @@ def flipad_setup(tmp_path_factory):
 
 def test_flipad_detector_separates_generator_samples_from_noise(flipad_setup):
     gen, det, data = flipad_setup
-    s_model, s_other = det.score(data["test_model"]), det.score(data["test_other"])
+    s_model, s_other = det.anomaly_score(data["test_model"]), det.anomaly_score(data["test_other"])
     assert np.std(s_model) > 0
     acc = fj.metrics.accuracy(s_model, s_other, det.thresholds_[0.05])
     assert acc >= 0.95, acc
-    assert det.predict(data["test_model"], fnr=0.05).mean() >= 0.85
-    assert det.predict(data["test_other"], fnr=0.05).mean() <= 0.05
+    assert det.made_by_g(data["test_model"], fnr=0.05).mean() >= 0.85
+    assert det.made_by_g(data["test_other"], fnr=0.05).mean() <= 0.05
     assert det.center_.shape == (16,)
 
 
 def test_thresholds_are_quantiles_of_validation_scores(flipad_setup):
     _, det, data = flipad_setup
-    np.testing.assert_array_equal(det.val_scores_, det.score(data["val"]))
+    np.testing.assert_array_equal(det.val_scores_, det.anomaly_score(data["val"]))
     # metrics.threshold is checked against closed forms and torch.quantile in test_metrics.
     assert det.thresholds_[0.05] == fj.metrics.threshold(det.val_scores_, 0.05)
     assert det.threshold(0.1) == fj.metrics.threshold(det.val_scores_, 0.1)  # on request
@@ -78,15 +78,15 @@ def test_save_load_scores_identically(flipad_setup, tmp_path):
     assert meta["features"]["kind"] == "flipad" and meta["head"]["fingerprint"]
     loaded = Detector.load(tmp_path / "det", head=gen.head)
     x = data["test_other"][:20]
-    np.testing.assert_array_equal(loaded.score(x), det.score(x))
+    np.testing.assert_array_equal(loaded.anomaly_score(x), det.anomaly_score(x))
     assert loaded.thresholds_ == det.thresholds_
     np.testing.assert_array_equal(loaded.val_scores_, det.val_scores_)
     # precomputed features need no head
     feats = det.features(x)
     no_head = Detector.load(tmp_path / "det")
-    np.testing.assert_array_equal(no_head.score(feats, precomputed=True), det.score(x))
+    np.testing.assert_array_equal(no_head.anomaly_score(feats, precomputed=True), det.anomaly_score(x))
     with pytest.raises(ValueError, match="head=None"):
-        no_head.score(x)
+        no_head.anomaly_score(x)
     other_head = TinyGenerator(jax.random.key(9)).head
     with pytest.raises(ValueError, match="fingerprint"):
         Detector.load(tmp_path / "det", head=other_head)
@@ -106,20 +106,20 @@ def test_checkpoint_from_another_version_is_refused(flipad_setup, tmp_path):
 def test_bad_input(flipad_setup):
     gen, det, data = flipad_setup
     with pytest.raises(ValueError, match=r"per-sample shape \(3, 32, 32\)"):
-        det.score(np.zeros((2, 3, 32, 32), np.float32))
+        det.anomaly_score(np.zeros((2, 3, 32, 32), np.float32))
     with pytest.raises(ValueError, match=r"per-sample shape \(1, 16, 16\)"):
-        det.score(np.zeros((2, 1, 16, 16), np.float32))
+        det.anomaly_score(np.zeros((2, 1, 16, 16), np.float32))
     with pytest.raises(ValueError, match=r"features of shape \(5, 8, 8\)"):
-        det.score(np.zeros((2, 5, 8, 8), np.float32), precomputed=True)
+        det.anomaly_score(np.zeros((2, 5, 8, 8), np.float32), precomputed=True)
     feats = det.features(data["val"][:3])
     feats[1, 0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="1 NaN/inf"):
-        det.score(feats, precomputed=True)
+        det.anomaly_score(feats, precomputed=True)
     with pytest.raises(ValueError, match="NaN"):
-        det.score(np.full((2, 3, 16, 16), np.nan, np.float32))
+        det.anomaly_score(np.full((2, 3, 16, 16), np.nan, np.float32))
     for fnr in (0.0, 1.0, -0.5, 2):
         with pytest.raises(ValueError, match="open interval"):
-            det.predict(data["val"][:2], fnr=fnr)
+            det.made_by_g(data["val"][:2], fnr=fnr)
     with pytest.raises(ValueError, match="expected at least 200"):
         det.threshold(0.005)  # 40 validation samples
     with pytest.raises(ValueError, match="x_val has 10 samples"):
@@ -128,7 +128,7 @@ def test_bad_input(flipad_setup):
         Detector(FeatureConfig("raw", size=None), **SMALL).fit(
             data["model"], data["other"][:, :, :8, :8], data["val"])
     with pytest.raises(ValueError, match="not fitted"):
-        Detector("raw").score(data["val"])
+        Detector("raw").anomaly_score(data["val"])
     with pytest.raises(ValueError, match="head=None"):
         Detector("flipad")
 
@@ -147,10 +147,11 @@ def test_raw_and_dct_detectors_fit_and_round_trip(kind, tmp_path):
     else:
         assert det.standardizer_ is None
     det.save(tmp_path / kind)
-    np.testing.assert_array_equal(Detector.load(tmp_path / kind).score(x_other[:8]),
-                                  det.score(x_other[:8]))
+    np.testing.assert_array_equal(Detector.load(tmp_path / kind).anomaly_score(x_other[:8]),
+                                  det.anomaly_score(x_other[:8]))
 
 
+@pytest.mark.slow
 def test_scoring_is_sharded_over_devices(tmp_path):
     """Eight host devices: sharded scores equal the single-device ones."""
     rng = np.random.default_rng(0)
@@ -158,7 +159,7 @@ def test_scoring_is_sharded_over_devices(tmp_path):
     det = Detector(FeatureConfig("raw", size=None), **SMALL).fit(x[:40], x[40:] * 0.5, x[:20])
     det.save(tmp_path / "det")
     np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "s.npy", det.score(x))
+    np.save(tmp_path / "s.npy", det.anomaly_score(x))
     code = textwrap.dedent(f"""
         import jax, numpy as np
         from flipad_jax.detector import Detector
@@ -166,7 +167,7 @@ def test_scoring_is_sharded_over_devices(tmp_path):
         det = Detector.load({str(tmp_path / 'det')!r})
         det.training = det.training.replace(score_batch_size=12)  # rounded up to 16: 2 per
                                                                   # device, padded tail
-        s = det.score(np.load({str(tmp_path / 'x.npy')!r}))
+        s = det.anomaly_score(np.load({str(tmp_path / 'x.npy')!r}))
         np.testing.assert_allclose(s, np.load({str(tmp_path / 's.npy')!r}), rtol=1e-5, atol=1e-6)
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",

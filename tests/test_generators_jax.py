@@ -47,6 +47,7 @@ def demo_bundles(tmp_path_factory):
             for m in DEMO_MODELS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [m.name for m in DEMO_MODELS])
 def test_demo_generators_match_torch(name, demo_bundles, x64):
     conversion = demo_bundles[name]
@@ -65,7 +66,8 @@ def test_demo_generators_match_torch(name, demo_bundles, x64):
     assert conversion.meta["self_check"]["max_abs_error"] <= 1e-5
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "ebgan", "lsgan", "medigan_dcgan", "klwgan"])
+@pytest.mark.parametrize("arch", ["dcgan", "ebgan", pytest.param("lsgan", marks=pytest.mark.slow),
+                                  "medigan_dcgan", "klwgan"])
 def test_registered_architectures_match_torch(arch, tmp_path, x64):
     torch.manual_seed(1)
     model = _randomise_bn(build_generator(arch, size="small"))
@@ -92,6 +94,7 @@ def test_parametrized_spectral_norm_uses_the_eval_weight(tmp_path, x64):
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(kind=st.sampled_from(["conv2d", "conv_transpose2d"]), k=st.integers(1, 4),
        s=st.integers(1, 3), p=st.integers(0, 2), bias=st.booleans(), up=st.integers(1, 2),

@@ -303,6 +303,15 @@ def test_non_convergence_is_reported_not_hidden(x64):
     assert np.all(np.asarray(capped.iterations) == 3)
     diverged = fj.solve_lasso(op, o, 0.01, step=1e3, restart=False, max_iter=5000)
     assert np.all(np.asarray(diverged.status) == fj.Status.NONFINITE)
+    # opt-in: raised, with the per-status counts and the result attached
+    with pytest.raises(fj.LassoNotConverged,
+                       match="2 of 2 sample.s. reached max_iter before the stop rule held") as err:
+        fj.solve_lasso(op, o, 0.01, max_iter=3, throw=True)
+    np.testing.assert_array_equal(err.value.result.z, capped.z)
+    with pytest.raises(fj.LassoNotConverged, match="the objective went non-finite"):
+        fj.solve_lasso(op, o, 0.01, step=1e3, restart=False, max_iter=5000, throw=True)
+    converged = fj.solve_lasso(op, o, 0.01, throw=True)  # no error when every sample converged
+    assert bool(jnp.all(converged.converged))
 
 
 SHARDED_SCRIPT = textwrap.dedent("""

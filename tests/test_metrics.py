@@ -94,6 +94,7 @@ def test_conformal_p_values_have_their_closed_form_null_distribution():
         assert abs(np.mean(p <= alpha) - exact) <= bound, (alpha, np.mean(p <= alpha), exact)
 
 
+@pytest.mark.slow
 def test_a_detector_s_p_values_are_calibrated_on_fresh_samples_of_g():
     """End to end: an SM-F detector (no training, so it is cheap) thresholded on 400 of G's
     images; on 1500 fresh ones the rate of p ≤ α stays within a binomial bound of α (4

@@ -60,6 +60,7 @@ def _images(shape, seed=0):
     return np.clip(base + rng.normal(0, 12, shape), 0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(h=st.integers(2, 40), w=st.integers(2, 40), levels=st.integers(1, 4))
 def test_wavelet_transform_matches_pywavelets(h, w, levels):

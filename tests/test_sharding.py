@@ -171,7 +171,7 @@ def test_flipad_detector_scores_on_eight_devices_equal_one_device(tmp_path):
     det.save(tmp_path / "det")
     np.save(tmp_path / "w.npy", w)
     np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "s.npy", det.score(x))
+    np.save(tmp_path / "s.npy", det.anomaly_score(x))
     _run_on_eight_devices(PRELUDE + f"""
     import dataclasses
     from flipad_jax.detector import Detector
@@ -180,7 +180,7 @@ def test_flipad_detector_scores_on_eight_devices_equal_one_device(tmp_path):
     # Batches of 12 images for the inversion too: three batches, the last one padded.
     det.feature_config = dataclasses.replace(det.feature_config, invert_batch_size=12)
     seen = spy_on(head)
-    s = det.score(np.load({str(tmp_path / 'x.npy')!r}))
+    s = det.anomaly_score(np.load({str(tmp_path / 'x.npy')!r}))
     assert [rows for rows, _, _ in seen] == [16, 16, 8] and {{d for _, d, _ in seen}} == {{8}}
     np.testing.assert_allclose(s, np.load({str(tmp_path / 's.npy')!r}), rtol=1e-5, atol=1e-6)
     print("OK")

@@ -36,17 +36,18 @@ def _to_float(pixels):
     return (pixels.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_sm_f_detector_finds_the_fingerprint_and_round_trips(data, tmp_path):
     det = fj.Detector("sm_f", fnrs=(0.005, 0.05), progress=False)
     det.fit(*(_to_float(data[k]) for k in ("model", "other", "val")))
     assert det.feature_shape_ == (32, 32) and det.network_ is None
-    s_model, s_other = det.score(_to_float(data["test_model"])), det.score(
+    s_model, s_other = det.anomaly_score(_to_float(data["test_model"])), det.anomaly_score(
         _to_float(data["test_other"]))
     assert fj.metrics.roc_auc(s_model, s_other) > 0.95
-    assert det.predict(_to_float(data["test_other"]), fnr=0.05).mean() < 0.2
+    assert det.made_by_g(_to_float(data["test_other"]), fnr=0.05).mean() < 0.2
     det.save(tmp_path / "det")
     back = fj.Detector.load(tmp_path / "det")
-    np.testing.assert_array_equal(back.score(_to_float(data["test_model"])), s_model)
+    np.testing.assert_array_equal(back.anomaly_score(_to_float(data["test_model"])), s_model)
     assert back.thresholds_ == det.thresholds_
 
 

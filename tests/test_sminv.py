@@ -89,6 +89,7 @@ def test_recovers_the_latent_of_a_sample_g_made(small):
     np.testing.assert_allclose(rec.z, z_true, atol=1e-4)  # and the latent itself
 
 
+@pytest.mark.slow
 def test_g_made_samples_score_below_real_images(demo_dcgan):
     z = np.random.default_rng(0).standard_normal((2, 100, 1, 1)).astype(np.float32)
     made = np.asarray(demo_dcgan(z))
@@ -129,9 +130,9 @@ def test_detector_thresholds_on_training_scores(small, tmp_path):
     assert np.sum(det.train_scores_ > det.thresholds_[0.25]) <= 1
     x_new = np.concatenate([np.asarray(gen(rng.standard_normal((1, 8, 1, 1)).astype(np.float32))),
                             rng.uniform(-1, 1, (1, 1, 16, 16)).astype(np.float32)])
-    scores = det.score(x_new)
+    scores = det.anomaly_score(x_new)
     assert scores[0] < scores[1]
-    np.testing.assert_array_equal(det.predict(x_new), scores <= det.thresholds_[0.25])
+    np.testing.assert_array_equal(det.made_by_g(x_new), scores <= det.thresholds_[0.25])
 
     det.save(tmp_path / "sminv.json")
     back = SMInv2.load(tmp_path / "sminv.json", gen)

@@ -23,6 +23,7 @@ def demo(tmp_path_factory):
     return out, run_tabular_demo(out, settings=TINY, progress=False)
 
 
+@pytest.mark.slow
 def test_results_have_the_image_demos_shape(demo):
     out, results = demo
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
@@ -42,6 +43,7 @@ def test_results_have_the_image_demos_shape(demo):
     assert "91.18" in tables  # the paper's FLIPAD accuracy against TVAE beside ours
 
 
+@pytest.mark.slow
 def test_the_detectors_use_the_authors_settings(demo):
     out, _ = demo
     meta = json.loads((out / "work" / "detectors" / "flipad_whitewine" / "meta.json").read_text())
@@ -56,6 +58,7 @@ def test_the_detectors_use_the_authors_settings(demo):
     assert name == "mlp" and list(kwargs["hidden"]) == [512, 1024, 512, 256, 128]
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_every_stage(demo, monkeypatch):
     out, first = demo
     work = out / "work"
@@ -97,6 +100,7 @@ def test_refuses_unknown_datasets(tmp_path):
                          progress=False)
 
 
+@pytest.mark.slow
 def test_refuses_a_run_with_other_settings(demo):
     out, _ = demo
     with pytest.raises(ValueError, match="other settings"):
