@@ -26,6 +26,8 @@ examples:
   flipad convert generator.pt2 --out bundles/g --samples 5000 --seed 3
   # the reference's training-mode BatchNorm (use the same mode for `flipad sample`)
   flipad convert netG.pth --arch lsgan --bn-mode train --out bundles/lsgan
+  # a Stable Diffusion VAE (pip install 'flipad-jax[diffusers]'): decoder.conv_out, local files
+  flipad convert --diffusers sd-2-1-base/vae --out bundles/sd21 --downsample crop
 """
 
 SAMPLE_EXAMPLES = """\
@@ -55,18 +57,20 @@ def _range(text: str) -> tuple:
     return low, high
 
 
-def _model_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
-    """MODEL, --out, --arch and --arch-opt: how every converter subcommand names its input."""
-    p.add_argument("model", metavar="MODEL", help=model_help)
+def _model_arguments(p: argparse.ArgumentParser, model_help: str, model=None) -> None:
+    """MODEL, --out, --arch and --arch-opt: how every converter subcommand names its input
+    (MODEL is added to ``model``, a group, when given)."""
+    (p if model is None else model).add_argument(
+        "model", metavar="MODEL", help=model_help, **({} if model is None else {"nargs": "?"}))
     p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
     p.add_argument("--arch", metavar="NAME", help=f"architecture of a weights file: {ARCH_NAMES}")
     p.add_argument("--arch-opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="architecture option (repeatable), e.g. nc=1, image_size=32, nz=100")
 
 
-def _common(p: argparse.ArgumentParser, batch_size: str) -> None:
+def _common(p: argparse.ArgumentParser, batch_size: str, model=None) -> None:
     _model_arguments(p, "state_dict (.pt/.pth) or .safetensors with --arch, TorchScript file, "
-                        "or torch.export program (.pt2)")
+                        "or torch.export program (.pt2)", model)
     p.add_argument("--latent-shape", type=_ints, metavar="D,...",
                    help="per-sample latent shape, e.g. 100,1,1 (default: from the architecture)")
     p.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
@@ -88,17 +92,55 @@ def _fail(command: str, error: Exception) -> int:
 
 
 def _run_convert(args) -> int:
+    if args.diffusers is not None:
+        return _run_convert_diffusers(args)
+    if args.downsample is not None or args.downsample_size is not None:
+        return _fail("convert", ValueError("--downsample/--downsample-size: expected them only "
+                                           "with --diffusers"))
     from converters.convert import convert
     try:
         result = convert(args.model, args.out, arch=args.arch, arch_options=dict(args.arch_opt),
-                         latent_shape=args.latent_shape, samples=args.samples, layer=args.layer,
+                         latent_shape=args.latent_shape,
+                         samples=10000 if args.samples is None else args.samples,
+                         layer=args.layer,
                          seed=args.seed, batch_size=args.batch_size, bn_mode=args.bn_mode,
                          device=args.device, trust_pickle=args.trust_pickle,
-                         output_range=args.output_range, check_samples=args.check_samples,
-                         check_dtype=args.check_dtype, overwrite=args.overwrite,
+                         output_range=args.output_range,
+                         check_samples=64 if args.check_samples is None else args.check_samples,
+                         check_dtype=args.check_dtype or "float32", overwrite=args.overwrite,
                          progress=args.progress)
     except ValueError as e:
         return _fail("convert", e)
+    _report_conversion(result)
+    return 0
+
+
+def _run_convert_diffusers(args) -> int:
+    ignored = [flag for flag, used in (
+        ("--arch", args.arch), ("--arch-opt", args.arch_opt), ("--layer", args.layer),
+        ("--trust-pickle", args.trust_pickle), ("--output-range", args.output_range),
+        ("--bn-mode train", args.bn_mode != "eval")) if used]
+    if ignored:
+        return _fail("convert", ValueError(
+            f"{', '.join(ignored)}: not used with --diffusers (the head is decoder.conv_out, "
+            "identity, images in [-1, 1])"))
+    from converters.diffusers_vae import convert_diffusers
+    given = {k: v for k, v in (("samples", args.samples), ("batch_size", args.batch_size),
+                               ("check_samples", args.check_samples),
+                               ("check_dtype", args.check_dtype),
+                               ("downsample", args.downsample),
+                               ("downsample_size", args.downsample_size)) if v is not None}
+    try:
+        result = convert_diffusers(args.diffusers, args.out, latent_shape=args.latent_shape,
+                                   seed=args.seed, device=args.device, overwrite=args.overwrite,
+                                   progress=not args.quiet, **given)
+    except ValueError as e:
+        return _fail("convert", e)
+    _report_conversion(result)
+    return 0
+
+
+def _report_conversion(result) -> None:
     meta = result.meta
     check = meta["self_check"]
     print(f"wrote {result.path}: layer {meta['layer']['name']!r} ({meta['layer']['kind']}, "
@@ -107,7 +149,9 @@ def _run_convert(args) -> int:
           f"self-check max abs error {check['max_abs_error']:.3g} ({check['dtype']}, "
           f"{check['n_samples']} samples, tolerance {check['tolerance']:g}); "
           f"{result.seconds:.1f} s")
-    return 0
+    if "features" in meta:
+        print(f"FLIPAD features: {meta['features']['downsample']} to "
+              f"{meta['features']['size']} (flipad fit's default for this bundle)")
 
 
 def _run_sample(args) -> int:
@@ -132,16 +176,29 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
         subparsers, "convert", CONVERT_EXAMPLES, help="PyTorch generator -> verified head bundle",
         description="Find the generator's last linear layer and its activation by tracing a "
         "forward pass, compute the mean activation zbar, check that the JAX head reproduces the "
-        "generator's images, and write the head bundle (head.safetensors + head.json).")
-    _common(p, batch_size="default 128 with --bn-mode train, else 500")
-    p.add_argument("--samples", type=int, default=10000,
-                   help="latents for zbar (default 10000)")
+        "generator's images, and write the head bundle (head.safetensors + head.json). "
+        "With --diffusers, the head is a diffusers AutoencoderKL's decoder.conv_out.")
+    source = p.add_mutually_exclusive_group(required=True)
+    _common(p, batch_size="default 128 with --bn-mode train, else 500; --diffusers: 8",
+            model=source)
+    source.add_argument("--diffusers", metavar="DIR",
+                        help="a local diffusers AutoencoderKL folder (config.json + "
+                             "diffusion_pytorch_model.safetensors; or a pipeline folder with "
+                             "vae/): invert its decoder's conv_out (needs the diffusers extra)")
+    p.add_argument("--downsample", choices=("crop", "maxpool"),
+                   help="--diffusers: FLIPAD's reduction of the activations, recorded as flipad "
+                        "fit's default (default crop, the reference's SD runs)")
+    p.add_argument("--downsample-size", type=int, metavar="N",
+                   help="--diffusers: the size it reduces to (default 128)")
+    p.add_argument("--samples", type=int,
+                   help="latents for zbar (default 10000; --diffusers: 5000)")
     p.add_argument("--layer", metavar="NAME",
                    help="layer to invert (default: the last Conv2d/ConvTranspose2d/Linear run)")
-    p.add_argument("--check-samples", type=int, default=64,
-                   help="latents for the self-check (default 64)")
-    p.add_argument("--check-dtype", choices=("float32", "float64"), default="float32",
-                   help="self-check precision: float32 (tolerance 1e-4) or float64 (1e-5)")
+    p.add_argument("--check-samples", type=int,
+                   help="latents for the self-check (default 64; --diffusers: 4)")
+    p.add_argument("--check-dtype", choices=("float32", "float64"),
+                   help="self-check precision: float32 (tolerance 1e-4, the default) or float64 "
+                        "(1e-5, the default with --diffusers)")
     p.set_defaults(func=_run_convert)
     return p
 

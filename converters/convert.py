@@ -74,12 +74,13 @@ def convert(model, out, *, arch: Optional[str] = None, arch_options: Optional[di
             batch_size: Optional[int] = None, bn_mode: str = "eval", device=None,
             trust_pickle: bool = False, output_range=None, check_samples: int = 64,
             check_dtype: str = "float32", overwrite: bool = False,
-            progress: bool = True) -> Conversion:
+            progress: bool = True, extra_meta: Optional[dict] = None) -> Conversion:
     """Convert a PyTorch generator into a head bundle at ``out`` (the CLI's ``flipad convert``).
 
     Args:
       model: file path (state_dict with ``arch``, safetensors with ``arch``, TorchScript,
-        torch.export program; a pickled module only with ``trust_pickle``) or an ``nn.Module``.
+        torch.export program; a pickled module only with ``trust_pickle``), an ``nn.Module``, or
+        a loaded :class:`~converters.loading.Source`.
       out: the bundle folder to create (must not exist unless ``overwrite``).
       arch, arch_options: registered architecture and constructor overrides for weights files.
       latent_shape: per-sample latent shape; default from the architecture / program.
@@ -96,6 +97,7 @@ def convert(model, out, *, arch: Optional[str] = None, arch_options: Optional[di
         nn.Module generators) of the self-check.
       overwrite: replace an existing ``out``.
       progress: show a progress bar.
+      extra_meta: further top-level head.json fields (must not replace the schema's own).
 
     Returns:
       :class:`Conversion`. Raises ``ValueError`` (and writes nothing) on any refusal.
@@ -145,6 +147,10 @@ def convert(model, out, *, arch: Optional[str] = None, arch_options: Optional[di
         "self_check": {"n_samples": int(check_in.shape[0]), "dtype": check_dtype,
                        "max_abs_error": 0.0, "tolerance": CHECK_TOLERANCE[check_dtype]},
     }
+    clash = sorted(set(extra_meta or {}) & set(meta))
+    if clash:
+        raise ValueError(f"extra_meta: fields {clash} would replace head.json's own")
+    meta.update(extra_meta or {})
     bundle = Bundle(meta, weight, bias, zbar)
     meta["lipschitz"] = build_operator(bundle, dtype=np.float32).lipschitz()
 

@@ -147,11 +147,14 @@ def load_generator(model, *, arch: Optional[str] = None, arch_options: Optional[
     """Load a generator from ``model`` (a path or an ``nn.Module``); see the module docstring.
 
     Args:
-      model: path to a state_dict / safetensors / TorchScript / export file, or an ``nn.Module``.
+      model: path to a state_dict / safetensors / TorchScript / export file, an ``nn.Module``,
+        or a :class:`Source` already loaded (returned as it is).
       arch: registered architecture (``converters.generators.ARCHS``) for state_dict files.
       arch_options: constructor overrides for ``arch`` (e.g. ``{"nc": 1, "image_size": 32}``).
       trust_pickle: allow a fully pickled module (executes code from the file).
     """
+    if isinstance(model, Source):  # loaded by a format-specific reader (converters.diffusers_vae)
+        return model
     arch_options = dict(arch_options or {})
     if arch_options and arch is None:
         raise ValueError(f"arch_options={arch_options!r}: given without arch")

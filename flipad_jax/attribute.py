@@ -48,7 +48,7 @@ from flipad_jax._checks import check_int, check_positive
 from flipad_jax._files import atomic_dir, check_new_path
 from flipad_jax._partial import CsvRows, JsonlRows, PartialOutput
 from flipad_jax.evidence import pixel_range
-from flipad_jax.features import check_solved, max_pool_to
+from flipad_jax.features import check_solved, downsample
 from flipad_jax.lasso import LassoOptions, _fista
 from flipad_jax.metrics import p_values
 from flipad_jax.sharding import device_batches
@@ -290,7 +290,8 @@ def _stacked_features(detectors: Sequence, x) -> list:
     z, status = (np.concatenate(a, axis=1) for a in zip(*parts))
     for status_m in status:
         check_solved(status_m)
-    return [np.array(max_pool_to(z_m, c.pool_to), np.float32) for c, z_m in zip(configs, z)]
+    return [np.array(downsample(z_m, c.pool_to, c.downsample), np.float32)
+            for c, z_m in zip(configs, z)]
 
 
 def default_stack() -> bool:

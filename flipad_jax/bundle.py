@@ -23,6 +23,11 @@ Layout (DESIGN.md, "The head bundle")::
                      arch_options (object)
     versions         torch, flipad_jax (strings)
     self_check       n_samples, dtype, max_abs_error, tolerance
+    features         optional: downsample ("maxpool" | "crop") and size (int >= 1), how FLIPAD
+                     features of this head are reduced by default (``flipad convert --diffusers``)
+
+Other top-level fields (e.g. ``diffusers``: the VAE's latent scaling) are provenance, kept as
+written.
 
 Reading validates every field and the array shapes against the geometry, and re-estimates
 ``lipschitz`` from the weights (a wrong one would make the default solver step diverge or
@@ -49,6 +54,7 @@ WEIGHTS_FILE = "head.safetensors"
 META_FILE = "head.json"
 LAYER_KINDS = ("conv2d", "conv_transpose2d", "linear")
 BN_MODES = ("eval", "train", "as_exported")
+DOWNSAMPLE_MODES = ("maxpool", "crop")  # FLIPAD's spatial reductions (flipad_jax.features)
 # Reading re-estimates ‖A‖² with a short Lanczos run (a lower bound that converges from below)
 # and refuses a stored value outside [estimate · (1 − LOW), estimate · (1 + HIGH)].
 LIPSCHITZ_CHECK_LOW, LIPSCHITZ_CHECK_HIGH = 1e-3, 0.05
@@ -182,6 +188,9 @@ def validate_meta(meta: dict) -> None:
     _str(meta, "self_check.dtype", ("float32", "float64"))
     _number(meta, "self_check.max_abs_error")
     _number(meta, "self_check.tolerance", positive=True)
+    if "features" in meta:
+        _str(meta, "features.downsample", DOWNSAMPLE_MODES)
+        _int(meta, "features.size", 1)
 
 
 def build_operator(bundle: Bundle, dtype=None, precision=None):

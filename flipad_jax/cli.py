@@ -35,7 +35,7 @@ from flipad_jax._runtime import DEVICES, LOGGER, report, run_log, select_device,
 from flipad_jax._argparse import (add_output_flags, float_pair, key_value, optional_int,
                                   subparser)
 from flipad_jax.deepsad import DeepSADConfig
-from flipad_jax.features import FeatureConfig
+from flipad_jax.features import DOWNSAMPLE_MODES, FeatureConfig
 
 # The CLI's defaults are the settings objects' (the paper's), read from one place.
 _FEATURES, _TRAINING = FeatureConfig(), DeepSADConfig()
@@ -257,8 +257,12 @@ def _add_fit_parser(subparsers):
                    help="DeepSAD batch size")
     p.add_argument("--lam", type=float, default=_FEATURES.lam, help="FLIPAD: λ of the lasso")
     p.add_argument("--max-iter", type=int, help="FLIPAD: solver iterations per image")
-    p.add_argument("--pool-to", type=optional_int, default=_FEATURES.pool_to,
-                   help="FLIPAD: max-pool the activations to this size ('none': no pooling)")
+    p.add_argument("--pool-to", type=optional_int, default=argparse.SUPPRESS,
+                   help="FLIPAD: reduce the activations to this size ('none': keep them; "
+                        f"default the bundle's recorded size, else {_FEATURES.pool_to})")
+    p.add_argument("--downsample", choices=DOWNSAMPLE_MODES,
+                   help="FLIPAD: max-pool or centre-crop the activations (default the bundle's "
+                        "recorded choice, e.g. crop for a --diffusers head, else maxpool)")
     p.add_argument("--size", type=optional_int, default=_FEATURES.size,
                    help="RawPAD: resize images to this size ('none': keep)")
     p.add_argument("--crop", type=optional_int, default=_FEATURES.crop,
@@ -325,8 +329,12 @@ def _run_fit(args) -> int:
                              "--perturb, --x-range or --clip")
         _, lam, lasso = solve_settings(sorted({r.path for r in
                                                model_refs + val_refs + other_refs}))
-    features = FeatureConfig(args.features, lam=lam, pool_to=args.pool_to, size=args.size,
-                             crop=args.crop, top_k=args.top_k, lasso=lasso)
+    recorded = {} if head is None else head.meta.get("features", {})
+    features = FeatureConfig(args.features, lam=lam,
+                             pool_to=getattr(args, "pool_to", recorded.get("size",
+                                                                           _FEATURES.pool_to)),
+                             downsample=args.downsample or recorded.get("downsample", "maxpool"),
+                             size=args.size, crop=args.crop, top_k=args.top_k, lasso=lasso)
     training = DeepSADConfig(network=args.network, network_kwargs=dict(args.network_opt),
                              epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                              seed=args.seed)

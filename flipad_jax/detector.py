@@ -42,7 +42,7 @@ import numpy as np
 
 from flipad_jax._checks import check_floating, check_labels
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel, fit_deepsad, score as deepsad_score
-from flipad_jax.features import FeatureConfig, Standardizer, max_pool_to, top_channels
+from flipad_jax.features import FeatureConfig, Standardizer, downsample, top_channels
 from flipad_jax.metrics import (check_fnr, made_by_g, min_validation_samples, p_values,
                                 threshold)
 from flipad_jax.prnu import fingerprint as prnu_fingerprint, sm_f_scores
@@ -226,7 +226,7 @@ class Detector:
             return self.features(x), None
         res = self.head.invert_batches(x, fc.lam, batch_size=fc.invert_batch_size,
                                        progress=self.progress, options=fc.lasso)
-        return np.array(max_pool_to(res.z, fc.pool_to), np.float32), res
+        return np.array(downsample(res.z, fc.pool_to, fc.downsample), np.float32), res
 
     def _inputs(self, name: str, x, precomputed: bool, *, fitting: bool = False):
         """Features of ``x`` checked for dtype, finiteness and shape; numpy float32."""

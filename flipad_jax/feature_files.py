@@ -92,15 +92,18 @@ def check_for_detector(meta: dict, path, detector) -> None:
         raise ValueError(f"{path}: solved with λ={meta['lam']:g} and {meta['lasso']}, the "
                          f"detector's features use λ={fc.lam:g} and {fc.lasso.to_json()}: "
                          "expected the same solve")
-    if meta["pooled_to"] not in (None, fc.pool_to):
-        raise ValueError(f"{path}: pooled to {meta['pooled_to']}, the detector pools to "
-                         f"{fc.pool_to}: expected unpooled features or the same pooling")
+    if meta["pooled_to"] is not None and (meta["pooled_to"], "maxpool") != (fc.pool_to,
+                                                                           fc.downsample):
+        raise ValueError(f"{path}: max-pooled to {meta['pooled_to']}, the detector reduces by "
+                         f"{fc.downsample} to {fc.pool_to}: expected unpooled features or the "
+                         "same pooling")
 
 
 def read_feature_rows(refs, detector) -> np.ndarray:
     """The detector's (unstandardised) features of ``refs`` (rows of feature files, from
-    :func:`flipad_jax.images.list_images`), float32, pooled as the detector pools."""
-    from flipad_jax.features import max_pool_to
+    :func:`flipad_jax.images.list_images`), float32, reduced as the detector reduces
+    (``FeatureConfig.downsample`` to ``pool_to``)."""
+    from flipad_jax.features import downsample
     from flipad_jax.images import group_refs
 
     parts = []
@@ -115,8 +118,9 @@ def read_feature_rows(refs, detector) -> np.ndarray:
             raise ValueError(f"{path}: rows {rows[0]}..{rows[-1]} are not rows of its "
                              f"{len(arr)} features")
         z = np.asarray(arr[rows], np.float32)
-        if meta["pooled_to"] is None and detector.feature_config.pool_to is not None:
-            z = np.asarray(max_pool_to(z, detector.feature_config.pool_to))
+        fc = detector.feature_config
+        if meta["pooled_to"] is None and fc.pool_to is not None:
+            z = np.asarray(downsample(z, fc.pool_to, fc.downsample))
         parts.append(z)
     if not parts:
         raise ValueError("refs=[]: expected at least one feature row")

@@ -4,8 +4,9 @@ All functions take and return channel-first batches, ``(B, C, H, W)`` (or ``(B, 
 tabular FLIPAD features), float32.
 
 * FLIPAD (paper §4.3): ẑ = ``head.invert(images).z``, then max-pooled to at most ``pool_to``
-  spatially (the reference: LSGAN 64×64 → 32×32 with a 2×2 pool, Stable Diffusion 512 → 32 with 16),
-  then standardised with the *inliers'* training mean and std (+0.05).
+  spatially (the reference: LSGAN 64×64 → 32×32 with a 2×2 pool) or, with
+  ``downsample="crop"``, centre-cropped to ``pool_to`` (the reference's Stable Diffusion runs:
+  128 of 512×512), then standardised with the *inliers'* training mean and std (+0.05).
 * RawPAD: the images resized to ``size`` by nearest neighbour (``F.interpolate``'s default mode:
   source index ⌊i·H_in/H_out⌋, i.e. every other pixel for 64 → 32); not standardised.
 * DCTPAD: per channel log(|DCT-II(x)| + 1e-10) of the ``crop``×``crop`` centre crop, with the
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flipad_jax._checks import check_int
+from flipad_jax.bundle import DOWNSAMPLE_MODES
 from flipad_jax.head import DEFAULT_LAM
 from flipad_jax.lasso import LassoOptions, Status
 
@@ -138,15 +140,31 @@ def max_pool_to(z, size: Optional[int] = 32):
     return z.reshape(b, c, size, k, size, k).max(axis=(3, 5))
 
 
+def downsample(z, size: Optional[int] = 32, mode: str = "maxpool"):
+    """FLIPAD's spatial reduction of ``(B, C, H, W)`` activations to ``size``:
+    :func:`max_pool_to` ("maxpool") or :func:`center_crop` ("crop"). Maps no larger than
+    ``size``, vectors ``(B, D)`` and ``size=None`` pass unchanged."""
+    if mode not in DOWNSAMPLE_MODES:
+        raise ValueError(f"downsample={mode!r}: expected one of {list(DOWNSAMPLE_MODES)}")
+    if mode == "maxpool":
+        return max_pool_to(z, size)
+    z = jnp.asarray(z)
+    if size is None or z.ndim == 2 or max(z.shape[-2:]) <= size:
+        return z
+    return center_crop(z, size)
+
+
 def flipad_features(head, images, *, lam: float, pool_to: Optional[int] = 32,
-                    batch_size: int = 1000, progress: bool = False, **invert_kwargs):
-    """FLIPAD features before standardisation: ``max_pool_to(head.invert(images).z)``.
+                    downsample_mode: str = "maxpool", batch_size: int = 1000,
+                    progress: bool = False, **invert_kwargs):
+    """FLIPAD features before standardisation: ``downsample(head.invert(images).z)``.
 
     Args:
       head: a :class:`~flipad_jax.Head`.
       images: ``(B, *head.out_shape)`` images in the head's output range (or pass ``x_range``).
       lam: λ of the lasso (paper: 5e-4 small GANs).
-      pool_to: spatial size the activations are max-pooled down to (None: no pooling).
+      pool_to: spatial size the activations are reduced to (None: no reduction).
+      downsample_mode: "maxpool" or "crop" (see :func:`downsample`).
       batch_size, progress: as in :meth:`~flipad_jax.Head.invert_batches`.
       **invert_kwargs: passed to ``head.invert`` (x_range, clip, options, max_iter, ...).
 
@@ -156,7 +174,7 @@ def flipad_features(head, images, *, lam: float, pool_to: Optional[int] = 32,
     res = head.invert_batches(images, lam, batch_size=batch_size, progress=progress,
                               **invert_kwargs)
     check_solved(res.status)
-    return max_pool_to(jnp.asarray(res.z), pool_to)
+    return downsample(jnp.asarray(res.z), pool_to, downsample_mode)
 
 
 def check_solved(status) -> None:
@@ -224,7 +242,9 @@ class FeatureConfig:
         Diffusion, 1e-3 medical).
       lasso: FLIPAD's solver settings (:class:`~flipad_jax.LassoOptions`; the reference solver
         is ``LassoOptions.paper(head.op)``).
-      pool_to: FLIPAD max-pool target size (None: none).
+      pool_to: FLIPAD target size of the spatial reduction (None: none).
+      downsample: FLIPAD's reduction, "maxpool" (default) or "crop" (centre crop, the
+        reference's Stable Diffusion setting).
       size: RawPAD resize target (None: none).
       crop: DCTPAD centre crop (None: whole image).
       invert_batch_size: images per lasso solve (the reference's 1000).
@@ -246,6 +266,7 @@ class FeatureConfig:
     standardize: Optional[str] = _AUTO
     std_eps: float = STD_EPS
     top_k: Optional[int] = None
+    downsample: str = "maxpool"
 
     def __post_init__(self):
         if self.kind not in FEATURE_KINDS:
@@ -256,6 +277,9 @@ class FeatureConfig:
             raise ValueError(f"standardize={self.standardize!r}: expected one of "
                              f"{STANDARDIZE_CHOICES + (_AUTO,)}")
         check_int("invert_batch_size", self.invert_batch_size)
+        if self.downsample not in DOWNSAMPLE_MODES:
+            raise ValueError(f"downsample={self.downsample!r}: expected one of "
+                             f"{list(DOWNSAMPLE_MODES)}")
         if self.top_k is not None:
             check_int("top_k", self.top_k)
         if self.kind == "sm_f" and (self.standardize_on is not None or self.top_k is not None):
@@ -277,6 +301,7 @@ class FeatureConfig:
             if head is None:
                 raise ValueError("head=None: FLIPAD features need the generator's Head")
             return flipad_features(head, images, lam=self.lam, pool_to=self.pool_to,
+                                   downsample_mode=self.downsample,
                                    batch_size=self.invert_batch_size, progress=progress,
                                    options=self.lasso)
         if self.kind == "raw":
