@@ -207,9 +207,9 @@ def table6_markdown(per_1000: dict, settings: DemoSettings) -> str:
         rows.append(f"| {method} | {what} | {ours} | {minutes:.2f} |")
     rows += ["", "Features per 1000 images featurised, fitting per 1000 training samples a class "
              "(as many real ones again), SM-Inv₂ per 1000 images inverted (its threshold and "
-             "test subsets; its cost grows linearly with restarts × steps), measured when each "
-             "detector was fitted, compilation included; the run's DeepSAD epochs and widths "
-             "are in results.json's settings."]
+             "test subsets; its cost grows about linearly with restarts × steps), measured when "
+             "each detector was fitted, compilation included; the run's DeepSAD epochs and "
+             "widths are in results.json's settings."]
     return "\n".join(rows) + "\n"
 
 
