@@ -94,8 +94,9 @@ class DemoSettings(NamedTuple):
 # against WGAN-GP from 53.5 to 70.0, against EBGAN from 84.8 to 96.6, against its twin from 91.0
 # to 96.1; λ from 5e-4 to 5e-2, or 50, 100 or 1000 solver iterations, moved them by a few points.
 # SM-Inv₂ at 10 × 1000 costs 6 s (DCGAN) to 48 s (LSGAN) an image on this CPU: the quick and full
-# demos run it on a subset at fewer steps. On the quick subset, steps buy more than restarts
-# (DCGAN, mean AUC over its 5 G′: 1 × 50 88.7, 4 × 50 94.2, 1 × 100 95.5, 2 × 100 96.5).
+# demos run it on a subset at fewer steps. Steps buy more than restarts (DCGAN, 40 test images a
+# source, mean AUC against real and the other 3 GANs: 1 × 50 88.7, 4 × 50 94.2, 1 × 100 95.5,
+# 2 × 100 96.5).
 QUICK = DemoSettings(n_train=500, n_val=200, n_test=200, zbar_samples=2000, epochs=10,
                      max_iter=50, sminv_n_test=20, sminv_restarts=1, sminv_steps=100)
 FULL = DemoSettings(n_train=1000, n_val=1000, n_test=1000, zbar_samples=5000, epochs=50,
@@ -443,8 +444,9 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
 
 DEMO_EXAMPLES = f"""\
 examples:
-  flipad demo --quick                 # about 1.5 minutes on 2 CPU cores
-  flipad demo --out flipad-demo       # the full demo (1000 / 1000 / 1000 samples, ~12 min)
+  flipad demo --quick                 # about 2 minutes on 2 CPU cores
+  flipad demo --out flipad-demo       # the full demo (1000 / 1000 / 1000 samples, ~20 min)
+  flipad demo --sminv-restarts 10 --sminv-steps 1000 --out d   # SM-Inv₂ at the paper's 10 × 1000
   flipad demo --n-train 5000 --out d5k      # any sizes (n_val >= 200 for fnr 0.005)
   {PAPER_SCALE_COMMAND}   # the paper's 10 000 / 1000 / 1000 and DeepSAD widths
   flipad demo --retrain --out demo2   # retrain the five GANs first (tens of minutes on a CPU)
