@@ -133,7 +133,7 @@ def _run_convert_diffusers(args) -> int:
     try:
         result = convert_diffusers(args.diffusers, args.out, latent_shape=args.latent_shape,
                                    seed=args.seed, device=args.device, overwrite=args.overwrite,
-                                   progress=not args.quiet, **given)
+                                   progress=args.progress, **given)
     except ValueError as e:
         return _fail("convert", e)
     _report_conversion(result)

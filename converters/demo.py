@@ -12,7 +12,8 @@ with the same settings, so an interrupted run resumes where it stopped):
 2. sample train / val / test sets as 8-bit PNGs and read them back (the paper's pipeline);
 3. per G of the four families and per method (FLIPAD, RawPAD, DCTPAD, SM-F): fit a detector on
    G's samples against real ones, thresholds on G's validation samples; its features and its fit
-   are timed apart (``OUT/work/costs``) for the Table-6 analog;
+   are timed apart (``OUT/work/costs``) for the Table-6 analog; SM-Inv₂ inverts the whole G on
+   a subset (:mod:`converters.demo_sminv`), thresholds on G's training samples;
 4. score the test sets of G, real and every other G′ (Table 1) and of G's other-seed twin for
    DCGAN (Table 2); accuracy at each fnr and AUC (:mod:`flipad_jax.metrics`);
 5. report: ``tables.md`` (with the Table-6 analog), ``tables.json``, ``results.json``,
@@ -25,7 +26,9 @@ most 50 FISTA iterations per image at tol 1e-2 (``--converged``: a certified gap
 5e-4, pool to 16×16 (LSGAN's 32×32 activations are max-pooled 2×2 as the paper pools its 64×64
 ones). The detector networks are the reference's LeNets with narrower layers for the 32×32 grey
 data (:data:`NETWORK_WIDTHS`), as the generators are narrower than the paper's; at paper scale
-the authors' widths (:data:`PAPER_WIDTHS`).
+the authors' widths (:data:`PAPER_WIDTHS`). SM-Inv₂: threshold on 200 / 500 / 10 000 of G's
+training samples, 20 / 100 / 1000 test images per source, 1 × 100 / 2 × 200 / the paper's
+10 × 1000 restarts × Adam steps.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from converters._workdir import prepare_work
+from converters.demo_sminv import KIND as SMINV, sminv_scores, subset_note
 from flipad_jax.features import FeatureConfig
 
-# method → feature kind; SM-Inv₂ rows join here when the full-generator inversion lands
+# method → feature kind of its Detector; SM-Inv₂ (demo_sminv.KIND) runs beside them
 METHODS = {"flipad": "flipad", "rawpad": "raw", "dctpad": "dct", "sm_f": "sm_f"}
 FAMILIES = ("dcgan", "wgangp", "lsgan", "ebgan")
 TWINS = {"dcgan": "dcgan_seed1"}  # Table 2: G against its other-seed twin
@@ -77,26 +81,48 @@ class DemoSettings(NamedTuple):
     seed: int = 0
     widths: str = "demo"  # a key of WIDTHS
     real_train: str = "test"  # the Fashion-MNIST split the real training images come from
+    # SM-Inv₂'s subset (converters.demo_sminv): threshold on G's first sminv_n_thr training
+    # samples, scores of the first sminv_n_test test images per source (0: not run)
+    sminv_n_thr: int = 200
+    sminv_n_test: int = 0
+    sminv_restarts: int = 10  # the paper's 10 × 1000 (App. G)
+    sminv_steps: int = 1000
 
 
 # The full demo trains DeepSAD for the paper's 50 epochs; the quick one trades that for time.
 # Measured on DCGAN's FLIPAD detector (500 samples a class), 10 → 50 epochs raised its AUC
 # against WGAN-GP from 53.5 to 70.0, against EBGAN from 84.8 to 96.6, against its twin from 91.0
 # to 96.1; λ from 5e-4 to 5e-2, or 50, 100 or 1000 solver iterations, moved them by a few points.
+# SM-Inv₂ at 10 × 1000 costs 6 s (DCGAN) to 48 s (LSGAN) an image on this CPU: the quick and full
+# demos run it on a subset at fewer steps. Steps buy more than restarts (DCGAN, 40 test images a
+# source, mean AUC against real and the other 3 GANs: 1 × 50 88.7, 4 × 50 94.2, 1 × 100 95.5,
+# 2 × 100 96.5).
 QUICK = DemoSettings(n_train=500, n_val=200, n_test=200, zbar_samples=2000, epochs=10,
-                     max_iter=50)
+                     max_iter=50, sminv_n_test=20, sminv_restarts=1, sminv_steps=100)
 FULL = DemoSettings(n_train=1000, n_val=1000, n_test=1000, zbar_samples=5000, epochs=50,
-                    max_iter=50)
+                    max_iter=50, sminv_n_thr=500, sminv_n_test=100, sminv_restarts=2,
+                    sminv_steps=200)
 # The paper's sizes (G.1: 10 000 training samples a class, 1000 validation and test samples) and
 # DeepSAD widths. Fashion-MNIST's test split holds 10 000 images, too few for 10 000 real training
 # plus 1000 real test images that no generator saw: the real training images come from the train
 # split, which the GANs were trained on (the paper's model-trainer view: G's own training data is
 # at hand), the real test images stay unseen.
-PAPER = FULL._replace(n_train=10000, rep_dim=128, widths="paper", real_train="train")
+# SM-Inv₂ at the paper's settings: 10 × 1000, thresholds on all of G's training samples.
+PAPER = FULL._replace(n_train=10000, rep_dim=128, widths="paper", real_train="train",
+                      sminv_n_thr=10000, sminv_n_test=1000, sminv_restarts=10, sminv_steps=1000)
 # A certified inversion (duality gap ≤ 1e-3 of the objective, LassoOptions' own default) for
 # --converged, instead of the demo's 50 iterations at tol 1e-2. Measured on the shipped GANs'
 # heads: no image certifies within the 10 000 iterations, at about 100× the demo solver's time.
 CONVERGED = dict(tol=1e-3, max_iter=10000)
+
+
+def stage_settings(settings: DemoSettings) -> dict:
+    """The settings the saved stages depend on: SM-Inv₂'s only when it runs, so a run without
+    it matches (and resumes) one saved before SM-Inv₂ joined the demo."""
+    fields = settings._asdict()
+    if not settings.sminv_n_test:
+        fields = {k: v for k, v in fields.items() if not k.startswith("sminv_")}
+    return fields
 
 
 def check_settings(settings: DemoSettings) -> DemoSettings:
@@ -110,9 +136,22 @@ def check_settings(settings: DemoSettings) -> DemoSettings:
         check_int(name, getattr(settings, name))
     check_int("n_val", settings.n_val)
     fnr = min(DEFAULT_FNRS)
-    if settings.n_val < min_validation_samples(fnr):
-        raise ValueError(f"n_val={settings.n_val}: expected at least "
-                         f"{min_validation_samples(fnr)} (⌈1/fnr⌉ for fnr={fnr})")
+    need = min_validation_samples(fnr)
+    if settings.n_val < need:
+        raise ValueError(f"n_val={settings.n_val}: expected at least {need} (⌈1/fnr⌉ for "
+                         f"fnr={fnr})")
+    if check_int("sminv_n_test", settings.sminv_n_test, minimum=0):  # 0: SM-Inv₂ not run
+        check_int("sminv_restarts", settings.sminv_restarts)
+        check_int("sminv_steps", settings.sminv_steps)
+        if settings.sminv_n_test > settings.n_test:
+            raise ValueError(f"sminv_n_test={settings.sminv_n_test}: expected at most "
+                             f"n_test={settings.n_test} (SM-Inv₂ scores a subset of the test "
+                             "sets)")
+        n_thr = check_int("sminv_n_thr", settings.sminv_n_thr)
+        if not need <= n_thr <= settings.n_train:
+            raise ValueError(f"sminv_n_thr={n_thr}: expected {need} (⌈1/fnr⌉ for fnr={fnr}) "
+                             f"to n_train={settings.n_train} (SM-Inv₂'s threshold set is a "
+                             "subset of G's training samples)")
     if settings.widths not in WIDTHS:
         raise ValueError(f"widths={settings.widths!r}: expected one of {sorted(WIDTHS)}")
     if settings.real_train not in REAL_TRAIN_SPLITS:
@@ -130,10 +169,10 @@ PAPER_TABLE12 = {
 }
 PAPER_SCALE_COMMAND = "flipad demo --paper-scale --out flipad-paper"
 # Table 6 of the paper, CelebA column (minutes per 1000 samples on an NVIDIA A40), in the order
-# (method, computation, our cost key or None, minutes); our keys are features_s / fit_s below.
+# (method, computation, our cost keys, minutes); our keys are features_s / fit_s / invert_s below.
 PAPER_TABLE6 = (
     ("sm_f", "computing fingerprints", "features_s+fit_s", 1.82),
-    ("sm_inv2", "inverting samples", None, 300.75),
+    ("sm_inv2", "inverting samples", "invert_s", 300.75),
     ("rawpad", "training DeepSAD", "fit_s", 1.68),
     ("dctpad", "computing DCT", "features_s", 0.40),
     ("dctpad", "+ training DeepSAD", "fit_s", 1.78),
@@ -146,32 +185,50 @@ def _costs_per_1000(folder: Path) -> dict:
     """Per method, seconds per 1000 samples summed over the Gs fitted in this folder:
     ``features_s`` per 1000 images featurised (G's and real training images, G's validation
     images) and ``fit_s`` per 1000 training samples a class (DeepSAD training; SM-F's
-    fingerprint mean and validation scores)."""
+    fingerprint mean and validation scores); SM-Inv₂'s ``invert_s`` per 1000 images inverted
+    (its threshold and test subsets) at the run's restarts × steps."""
     out = {}
-    for method in METHODS:
+    for method in (*METHODS, SMINV):
         costs = [json.loads(f.read_text()) for g in FAMILIES
                  if (f := folder / f"{method}_{g}.json").is_file()]
         if costs:
             out[method] = {k: round(1000 * sum(c[k] for c in costs) /
                                     sum(c[k[:-2] + "_n"] for c in costs), 3)
-                           for k in ("features_s", "fit_s")}
+                           for k in costs[0] if k.endswith("_s")}
     return out
 
 
-def table6_markdown(per_1000: dict) -> str:
+def table6_markdown(per_1000: dict, settings: DemoSettings) -> str:
     """The Table-6 analog: this run's seconds per 1000 samples beside the paper's minutes."""
     rows = ["## Table 6 analog: wall time of the essential computations per 1000 samples", "",
             "| method | computation | this run (s) | paper (min, A40, CelebA) |",
             "|---|---|---|---|"]
+    latent_steps = settings.sminv_restarts * settings.sminv_steps
     for method, what, keys, minutes in PAPER_TABLE6:
-        ours = "not in this demo" if keys is None else "not measured (refitted from disk)"
-        if keys is not None and method in per_1000:
+        ours = "not measured (refitted from disk)"
+        if method == SMINV and not settings.sminv_n_test:
+            ours = "not run (sminv_n_test = 0)"
+        elif method in per_1000:
             ours = f"{sum(per_1000[method][k] for k in keys.split('+')):.2f}"
+            if method == SMINV:
+                ours += (f" at {settings.sminv_restarts} × {settings.sminv_steps} (× "
+                         f"{10000 / latent_steps:g} for the paper's 10 × 1000: "
+                         f"{per_1000[method][keys] * 10000 / latent_steps:.0f})")
         rows.append(f"| {method} | {what} | {ours} | {minutes:.2f} |")
     rows += ["", "Features per 1000 images featurised, fitting per 1000 training samples a class "
-             "(as many real ones again), measured when each detector was fitted, compilation "
-             "included; the run's DeepSAD epochs and widths are in results.json's settings."]
+             "(as many real ones again), SM-Inv₂ per 1000 images inverted (its threshold and "
+             "test subsets; its cost grows about linearly with restarts × steps), measured when "
+             "each detector was fitted, compilation included; the run's DeepSAD epochs and "
+             "widths are in results.json's settings."]
     return "\n".join(rows) + "\n"
+
+
+def section_titles(settings: DemoSettings) -> tuple[str, str]:
+    """Headings of the Table-1 and Table-2 analogs, naming SM-Inv₂'s subset if it ran."""
+    if not settings.sminv_n_test:
+        return TABLE1, TABLE2
+    note = subset_note(settings)
+    return f"{TABLE1}; {note}", f"{TABLE2}; {note}"
 
 
 def table12_note(n_train: int) -> str:
@@ -268,6 +325,29 @@ def _data_note(settings: DemoSettings) -> str:
             "real test images: test split)")
 
 
+def _sources(g: str) -> tuple[list, list]:
+    """(the G′ of Table 1: real, then every other family; every test source of G's detector: G,
+    its G′, then G's twin (Table 2) if it has one; only the twin of G runs through G)."""
+    others = [REAL] + [f for f in FAMILIES if f != g]
+    return others, [g] + others + ([TWINS[g]] if g in TWINS else [])
+
+
+def _evaluate(out: Path, tables: tuple, method: str, g: str, scores: dict,
+              thresholds: dict) -> None:
+    """Append the Table-1 and Table-2 records of G's detector by ``method`` to ``tables`` from
+    its test scores per source (:func:`_sources`), and draw their histogram."""
+    from flipad_jax import metrics, report
+
+    others, shown = _sources(g)
+    for rec in metrics.evaluate(scores[g], {s: scores[s] for s in others}, thresholds):
+        tables[0].append({"method": method, "model": g, **rec})
+    if g in TWINS:
+        for rec in metrics.evaluate(scores[g], {TWINS[g]: scores[TWINS[g]]}, thresholds):
+            tables[1].append({"method": method, "model": g, **rec})
+    report.histogram_figure(out / f"hist_{method}_{g}.png", {s: scores[s] for s in shown},
+                            thresholds, title=f"{method} detector of {g}: test scores per source")
+
+
 def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
              weights=None, overwrite: bool = False, progress: bool = True,
              settings: Optional[DemoSettings] = None) -> dict:
@@ -280,7 +360,7 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
     settings = check_settings(settings or (QUICK if quick else FULL))
     real = _real(settings, data)  # refuses sizes the data cannot serve before anything is written
     out = Path(out)
-    wanted = {"settings": settings._asdict(), "retrain": retrain,
+    wanted = {"settings": stage_settings(settings), "retrain": retrain,
               "weights": str(weights) if weights else None}
     work = prepare_work(out, wanted, what="demo", overwrite=overwrite)
 
@@ -310,6 +390,7 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
     table1, table2 = [], []
     claims_p = {}  # FLIPAD p-values per G and test source, for the table of claims
     for g in FAMILIES:
+        others, shown = _sources(g)
         for method, kind in METHODS.items():
             label = f"{method} {g}"
             det_dir = work / "detectors" / f"{method}_{g}"
@@ -334,26 +415,13 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
                 det.save(det_dir)
                 del fit_feats
             _stage(timings, f"fit {method}", t)
-            # G, then every G′ of Table 1, then G's twin (Table 2) if it has one: only the
-            # twin of G is inverted through G's head.
-            others = [REAL] + [f for f in FAMILIES if f != g]
-            shown = [g] + others + ([TWINS[g]] if g in TWINS else [])
             t = time.perf_counter()
             feats = {s: det.features(images[s]["test"]) for s in shown}
             scores = {s: det.anomaly_score(f, precomputed=True) for s, f in feats.items()}
             _stage(timings, f"score {method}", t)
             if kind == "flipad":
                 claims_p[g] = {s: metrics.p_values(det.val_scores_, v) for s, v in scores.items()}
-            for rec in metrics.evaluate(scores[g], {s: scores[s] for s in others},
-                                        det.thresholds_):
-                table1.append({"method": method, "model": g, **rec})
-            if g in TWINS:
-                for rec in metrics.evaluate(scores[g], {TWINS[g]: scores[TWINS[g]]},
-                                            det.thresholds_):
-                    table2.append({"method": method, "model": g, **rec})
-            report.histogram_figure(out / f"hist_{method}_{g}.png", {s: scores[s] for s in shown},
-                                    det.thresholds_, title=f"{method} detector of {g}: "
-                                                           "test scores per source")
+            _evaluate(out, (table1, table2), method, g, scores, det.thresholds_)
             if kind == "flipad":
                 channels = top_channels(feats[g], feats[REAL], 3)
                 zbar = np.asarray(max_pool_to(heads[g].zbar[None], settings.pool_to))[0]
@@ -361,6 +429,15 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
                                       {s: feats[s].mean(axis=0) for s in [g] + others},
                                       channels, title=f"{g}: mean inverted features per source, "
                                                       "top channels (G vs real)")
+        if settings.sminv_n_test:
+            if progress:
+                tqdm.write(f"SM-Inv₂ {g}: {subset_note(settings)}")
+            t = time.perf_counter()
+            thresholds, scores = sminv_scores(weights, work, g, images[g]["train"],
+                                              {s: images[s]["test"] for s in shown}, settings,
+                                              progress)
+            _stage(timings, SMINV, t)
+            _evaluate(out, (table1, table2), SMINV, g, scores, thresholds)
 
     per_1000 = _costs_per_1000(work / "costs")
     results = {"methods": report.summarize(table1), "pairs": table1,
@@ -369,14 +446,14 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
                "timings_per_1000": per_1000,
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "weights": str(weights), "data": _data_note(settings)}
-    sections = {TABLE1: table1, TABLE2: table2}
+    sections = dict(zip(section_titles(settings), (table1, table2)))
     from flipad_jax.attribute import claims_table
 
     claims = {f"{a:g}": claims_table(claims_p, a) for a in DEFAULT_FNRS}  # α = each fnr
     results["claims"] = {a: counts for a, (_, counts) in claims.items()}
     report.write_text(out / "tables.md", report.tables_markdown(sections, DEFAULT_FNRS) + "\n\n"
-                      + table6_markdown(per_1000) + "\n\n## Claims (FLIPAD, flipad attribute)"
-                      "\n\n" + "\n\n".join(md for md, _ in claims.values()))
+                      + table6_markdown(per_1000, settings) + "\n\n## Claims (FLIPAD, flipad "
+                      "attribute)\n\n" + "\n\n".join(md for md, _ in claims.values()))
     report.write_json(out / "tables.json", {"table1": table1, "table2": table2})
     report.write_json(out / "results.json", results)
     return results
@@ -384,13 +461,22 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
 
 DEMO_EXAMPLES = f"""\
 examples:
-  flipad demo --quick                 # about 1.5 minutes on 2 CPU cores
-  flipad demo --out flipad-demo       # the full demo (1000 / 1000 / 1000 samples, ~12 min)
+  flipad demo --quick                 # about 2 minutes on 2 CPU cores
+  flipad demo --out flipad-demo       # the full demo (1000 / 1000 / 1000 samples, ~20 min)
+  flipad demo --sminv-restarts 10 --sminv-steps 1000 --out d   # SM-Inv₂ at the paper's 10 × 1000
   flipad demo --n-train 5000 --out d5k      # any sizes (n_val >= 200 for fnr 0.005)
   {PAPER_SCALE_COMMAND}   # the paper's 10 000 / 1000 / 1000 and DeepSAD widths
   flipad demo --retrain --out demo2   # retrain the five GANs first (tens of minutes on a CPU)
   flipad demo --tabular --quick       # the tabular experiment (paper Table 5), into flipad-tabular/
 """
+
+
+SMINV_FLAGS = {
+    "sminv_n_thr": "G's training images its threshold is fitted on (>= 200 for fnr 0.005)",
+    "sminv_n_test": "test images scored per source (0: SM-Inv₂ not run)",
+    "sminv_restarts": "Adam restarts per image (the paper's 10)",
+    "sminv_steps": "Adam steps per restart (the paper's 1000)",
+}
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
@@ -401,7 +487,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
         subparsers, "demo", DEMO_EXAMPLES,
         help="the whole method on the embedded Fashion-MNIST GANs, with the paper's tables",
         description="Convert the shipped generators, sample PNG train/val/test sets, fit FLIPAD, "
-                    "RawPAD, DCTPAD and SM-F detectors for each G, print Table-1 and Table-2 "
+                    "RawPAD, DCTPAD and SM-F detectors for each G and run SM-Inv₂ on a subset "
+                    "(--sminv-*), print Table-1 and Table-2 "
                     "style tables and write a report folder (tables with a Table-6 runtime "
                     "analog, results.json, figures).")
     p.add_argument("--out", default="flipad-demo", help="report folder (default flipad-demo)")
@@ -420,6 +507,11 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     for split in ("train", "val", "test"):
         p.add_argument(f"--n-{split}", type=int, metavar="N",
                        help=f"{split} samples per source (overrides the preset)")
+    for field, what in SMINV_FLAGS.items():
+        p.add_argument(f"--{field.replace('_', '-')}", type=int, metavar="N",
+                       help=f"SM-Inv₂: {what} (overrides the preset: quick "
+                            f"{getattr(QUICK, field)}, default {getattr(FULL, field)}, paper "
+                            f"scale {getattr(PAPER, field)})")
     p.add_argument("--real-train", choices=REAL_TRAIN_SPLITS,
                    help="split of the real training images (default: test, which no GAN saw; "
                         "train with --paper-scale)")
@@ -442,8 +534,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 def settings_from_args(args) -> DemoSettings:
     """The preset the flags name, with the sizes and options they override (unchecked)."""
     settings = PAPER if args.paper_scale else QUICK if args.quick else FULL
-    changes = {f"n_{s}": getattr(args, f"n_{s}") for s in ("train", "val", "test")
-               if getattr(args, f"n_{s}") is not None}
+    changes = {name: getattr(args, name) for name in (
+        "n_train", "n_val", "n_test", *SMINV_FLAGS) if getattr(args, name) is not None}
     if args.real_train:
         changes["real_train"] = args.real_train
     if args.converged:
@@ -460,8 +552,8 @@ def _run_demo(args) -> int:
     settings = settings_from_args(args)
     results = run_demo(args.out, retrain=args.retrain, data=args.data, weights=args.weights,
                        overwrite=args.overwrite, progress=args.progress, settings=settings)
-    print(report.tables_markdown({TABLE1: results["pairs"], TABLE2: results["table2"]["pairs"]},
-                                 per_pair=False))
+    print(report.tables_markdown(dict(zip(section_titles(settings), (
+        results["pairs"], results["table2"]["pairs"]))), per_pair=False))
     for method, m in results["methods"].items():
         print(f"{method}: accuracy {100 * m['accuracy']:.2f}%, AUC {100 * m['auc']:.2f}% "
               f"(mean over {m['pairs']} (G, G′) pairs)")
@@ -478,7 +570,9 @@ def _run_tabular(args, start: float) -> int:
         ("--paper-scale", args.paper_scale), ("--n-train", args.n_train),
         ("--n-val", args.n_val), ("--n-test", args.n_test), ("--real-train", args.real_train),
         ("--converged", args.converged), ("--retrain", args.retrain), ("--data", args.data),
-        ("--weights", args.weights)) if value]
+        ("--weights", args.weights),
+        *((f"--{f.replace('_', '-')}", getattr(args, f) is not None) for f in SMINV_FLAGS))
+        if value]
     if image_only:
         raise ValueError(f"--tabular with {', '.join(image_only)}: expected none of the image "
                          "demo's options (the tabular demo takes --quick, --out, --overwrite, "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from flipad_jax._argparse import add_output_flags, subparser
+from flipad_jax._runtime import report
 from flipad_jax.attribute import DEFAULT_ALPHA
 
 ATTRIBUTE_EXAMPLES = """\
@@ -69,7 +70,7 @@ def _run_attribute(args) -> int:
                                       batch_size=args.batch_size, overwrite=args.overwrite,
                                       progress=args.progress, stack=args.stack,
                                       perturbation=args.perturb, seed=args.perturb_seed)
-    print(f"wrote {path} ({len(refs)} rows, {len(registry.entries)} models" +
+    report(f"wrote {path} ({len(refs)} rows, {len(registry.entries)} models" +
           (f", {resumed} rows resumed from an earlier run" if resumed else "") + ")")
     return 0
 
@@ -105,5 +106,5 @@ def _run_registry_add(args) -> int:
 
     path = add_entry(args.registry, args.name, detector=args.detector, bundle=args.bundle,
                      overwrite=args.overwrite)
-    print(f"wrote {path}")
+    report(f"wrote {path}")
     return 0

@@ -61,7 +61,11 @@ def run_log(args):
     the caller fills with ``status`` (and ``error``) for the closing record."""
     handlers = []
     if args.log is not None:
-        handler = logging.FileHandler(args.log, encoding="utf-8")
+        try:
+            handler = logging.FileHandler(args.log, encoding="utf-8")
+        except OSError as error:
+            raise ValueError(f"--log {args.log}: cannot append to it ({error.strerror}): "
+                             "expected a writable file path") from None
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handlers.append(handler)
     if args.verbose:
@@ -76,8 +80,12 @@ def run_log(args):
         if args.log is not None:
             from flipad_jax.detector_io import versions
 
+            import jax
+
             LOGGER.info("command: %s", shlex.join(args.argv))
             LOGGER.info("versions: %s", versions())
+            if args.jax_device is None:  # with --device, main logs the one it selected
+                LOGGER.info("device: %s", jax.devices()[0])
         yield outcome
     finally:
         LOGGER.info("exit status %s after %.1f s%s", outcome.get("status"),

@@ -255,7 +255,8 @@ def _add_fit_parser(subparsers):
     p.add_argument("--lr", type=float, default=_TRAINING.lr)
     p.add_argument("--batch-size", type=int, default=_TRAINING.batch_size,
                    help="DeepSAD batch size")
-    p.add_argument("--lam", type=float, default=_FEATURES.lam, help="FLIPAD: λ of the lasso")
+    p.add_argument("--lam", type=float, help=f"FLIPAD: λ of the lasso (default "
+                                              f"{_FEATURES.lam:g})")
     p.add_argument("--max-iter", type=int, help="FLIPAD: solver iterations per image")
     p.add_argument("--pool-to", type=optional_int, default=argparse.SUPPRESS,
                    help="FLIPAD: reduce the activations to this size ('none': keep them; "
@@ -316,8 +317,9 @@ def _run_fit(args) -> int:
                                                 what=f"--model {model_src}")
     head = None if args.bundle is None else Head.load(args.bundle)
     other_refs = list_images(args.other)
-    lam, lasso = args.lam, _FEATURES.lasso.replace(**({} if args.max_iter is None else
-                                                      dict(max_iter=args.max_iter)))
+    lam = _FEATURES.lam if args.lam is None else args.lam
+    lasso = _FEATURES.lasso.replace(**({} if args.max_iter is None else
+                                       dict(max_iter=args.max_iter)))
     if args.features_from:
         from flipad_jax.feature_files import solve_settings
 
@@ -327,6 +329,9 @@ def _run_fit(args) -> int:
         if args.perturb is not None or args.x_range is not None or args.clip:
             raise ValueError("--features-from: the features are computed already; expected no "
                              "--perturb, --x-range or --clip")
+        if args.lam is not None or args.max_iter is not None:
+            raise ValueError("--features-from with --lam/--max-iter: the features' own solve "
+                             "(their sidecar) sets them; expected neither")
         _, lam, lasso = solve_settings(sorted({r.path for r in
                                                model_refs + val_refs + other_refs}))
     recorded = {} if head is None else head.meta.get("features", {})
@@ -682,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true",
                         help="show the run's log messages on stderr and the traceback of an "
                              "unexpected error")
-    parser.add_argument("--device", choices=DEVICES,
+    parser.add_argument("--device", dest="jax_device", choices=DEVICES,
                         help="JAX platform to run on (default: JAX's choice, the accelerator if "
                              "one is installed; on GPUs XLA_PYTHON_CLIENT_PREALLOCATE=false "
                              "stops JAX from reserving most of the memory up front)")
@@ -710,10 +715,18 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv) if argv is None else ["flipad", *argv]  # recorded in evidence
     args.progress = show_progress(args)
+    try:
+        return _run_logged(args)
+    except ValueError as error:  # the run log itself could not be set up
+        print(f"flipad {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run_logged(args) -> int:
     with run_log(args) as outcome:
         try:
-            if args.device is not None:
-                LOGGER.info("device: %s", select_device(args.device))
+            if args.jax_device is not None:  # convert/sample have their own torch --device
+                LOGGER.info("device: %s", select_device(args.jax_device))
             outcome["status"] = args.func(args)
         except (ValueError, OSError) as error:
             print(f"flipad {args.command}: error: {error}", file=sys.stderr)

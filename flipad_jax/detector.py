@@ -144,7 +144,7 @@ class Detector:
         self.head = head
         checked = check_fnrs(fnrs)
         # kept as given when already canonical: sklearn's clone checks parameters by identity
-        self.fnrs = fnrs if fnrs == checked else checked
+        self.fnrs = fnrs if isinstance(fnrs, tuple) and fnrs == checked else checked
         self.progress = progress
 
     # -- scikit-learn parameters ---------------------------------------------------------------

@@ -109,7 +109,10 @@ def save(path, detector, *, overwrite: bool = False):
     }
     embed = head is not None and "layer" in head.meta  # a head read from a bundle
     if meta["head"] is not None:
-        meta["head"]["embedded"] = embed
+        # what the fingerprint leaves out but the solve uses: checked on the embedded copy
+        meta["head"].update(embedded=embed, dtype=str(head.op.dtype), lipschitz=head.lipschitz,
+                            output_range=None if head.output_range is None
+                            else list(head.output_range))
 
     def write_head(folder):
         (folder / HEAD_DIR).mkdir()
@@ -119,6 +122,23 @@ def save(path, detector, *, overwrite: bool = False):
 
     return checkpoint.save(path, _arrays(state), meta, overwrite=overwrite,
                            write_extra=write_head if embed else None)
+
+
+def _embedded_head(path, saved: dict):
+    """The head a detector folder carries, checked against what ``meta.json`` recorded."""
+    from flipad_jax.head import Head
+
+    folder = embedded_bundle(path)
+    if folder is None:
+        raise HeadMismatchError(f"{path}: its meta.json says it carries its head in "
+                                f"{HEAD_DIR}/, which is missing: expected the folder whole")
+    head = Head.load(folder, dtype=jnp.dtype(saved.get("dtype", "float32")))
+    found = (head.lipschitz, None if head.output_range is None else list(head.output_range))
+    if found != (saved["lipschitz"], saved["output_range"]):
+        raise HeadMismatchError(f"{folder}: lipschitz and output range {found}, fitted with "
+                                f"{(saved['lipschitz'], saved['output_range'])}: expected the "
+                                "head bundle the detector was fitted with")
+    return head
 
 
 def embedded_bundle(path):
@@ -160,12 +180,11 @@ def check_head(path, meta: dict, head) -> None:
 def load(path, *, head=None) -> SavedDetector:
     """Read a detector folder written by :func:`save`, checking ``head`` against it; without
     one, the embedded head (if any) is read and checked (``SavedDetector.head_object``)."""
-    from flipad_jax.head import Head
     from flipad_jax.networks import build_network
 
     meta = read_meta(path)
-    if head is None and embedded_bundle(path) is not None:
-        head = Head.load(embedded_bundle(path))
+    if head is None and (meta["head"] or {}).get("embedded"):
+        head = _embedded_head(path, meta["head"])
     check_head(path, meta, head)
     feature_shape = tuple(meta["feature_shape"])
     f32 = jnp.float32

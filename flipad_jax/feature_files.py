@@ -20,6 +20,7 @@ import numpy as np
 from flipad_jax._files import atomic_file
 
 FORMAT = "flipad-jax features"
+REQUIRED = ("head_fingerprint", "lam", "lasso", "pooled_to", "shape", "samples")
 
 
 def sidecar_path(npy) -> Path:
@@ -55,6 +56,10 @@ def read_sidecar(npy) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else meta!r},"
                          f" expected {FORMAT!r} (a sidecar written by `flipad invert`)")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: lacks the field(s) {', '.join(missing)}: expected a complete "
+                         "sidecar written by `flipad invert`")
     return meta
 
 
@@ -85,7 +90,11 @@ def check_for_detector(meta: dict, path, detector) -> None:
     if fc.kind != "flipad":
         raise ValueError(f"{path}: FLIPAD features, but the detector is {fc.kind!r}: expected a "
                          "FLIPAD detector")
-    if detector.head is not None and meta["head_fingerprint"] != head_fingerprint(detector.head):
+    if detector.head is None:
+        raise ValueError(f"{path}: the detector has no head to check the features' head "
+                         "against: expected it loaded with its head (head=, or the one it "
+                         "carries)")
+    if meta["head_fingerprint"] != head_fingerprint(detector.head):
         raise ValueError(f"{path}: inverted with another head (fingerprint "
                          f"{meta['head_fingerprint'][:12]}…): expected the detector's head")
     if meta["lam"] != fc.lam or meta["lasso"] != fc.lasso.to_json():
@@ -99,11 +108,18 @@ def check_for_detector(meta: dict, path, detector) -> None:
                          "same pooling")
 
 
+def check_files(refs, detector) -> None:
+    """Check the sidecar of every feature file ``refs`` name against ``detector``, before
+    anything is read or written."""
+    for path in sorted({r.path for r in refs}):
+        check_for_detector(read_sidecar(path), path, detector)
+
+
 def read_feature_rows(refs, detector) -> np.ndarray:
     """The detector's (unstandardised) features of ``refs`` (rows of feature files, from
     :func:`flipad_jax.images.list_images`), float32, reduced as the detector reduces
     (``FeatureConfig.downsample`` to ``pool_to``)."""
-    from flipad_jax.features import downsample
+    from flipad_jax.features import check_solved, downsample
     from flipad_jax.images import group_refs
 
     parts = []
@@ -114,9 +130,14 @@ def read_feature_rows(refs, detector) -> np.ndarray:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+        if len(arr) != len(meta["samples"]) or list(arr.shape[1:]) != meta["shape"]:
+            raise ValueError(f"{path}: array of shape {arr.shape}, its sidecar describes "
+                             f"{len(meta['samples'])} rows of {meta['shape']}: expected the "
+                             "file `flipad invert` wrote")
         if rows[0] < 0 or rows[-1] >= len(arr):
             raise ValueError(f"{path}: rows {rows[0]}..{rows[-1]} are not rows of its "
                              f"{len(arr)} features")
+        check_solved(np.asarray([meta["samples"][i]["status"] for i in rows]), path=path)
         z = np.asarray(arr[rows], np.float32)
         fc = detector.feature_config
         if meta["pooled_to"] is None and fc.pool_to is not None:

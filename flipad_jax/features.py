@@ -177,11 +177,12 @@ def flipad_features(head, images, *, lam: float, pool_to: Optional[int] = 32,
     return downsample(jnp.asarray(res.z), pool_to, downsample_mode)
 
 
-def check_solved(status) -> None:
-    """Refuse inversions whose ``(B,)`` solver status says they went non-finite."""
+def check_solved(status, path: str = "images") -> None:
+    """Refuse inversions whose ``(B,)`` solver status says they went non-finite; ``path`` names
+    where they come from."""
     bad = np.asarray(status) == Status.NONFINITE
     if bad.any():
-        raise ValueError(f"images: the inversion of {int(bad.sum())} image(s) (indices "
+        raise ValueError(f"{path}: the inversion of {int(bad.sum())} image(s) (indices "
                          f"{np.flatnonzero(bad)[:10].tolist()}) went non-finite: expected finite "
                          "activations")
 

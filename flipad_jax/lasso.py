@@ -54,8 +54,11 @@ the operator's weight and bias) are those of the exact minimiser, by implicit di
 its support S = {j : δⱼ ≠ 0}: S is taken as locally constant, δ stays 0 off S (so ∂zⱼ/∂o = 0
 and ∂zⱼ/∂z̄ⱼ = 1 there, the one-sided choice at the boundary |∇ⱼf| = λ), and on S
 dδ_S = −(A_SᵀA_S)⁻¹ dF_S for the optimality conditions F_S = [Aᵀ(Aδ − r)]_S + λ sign δ_S = 0,
-solved by conjugate gradients. They are meaningful for a converged solve with a unique solution
-(A_S of full column rank; a capped solve's dense iterate has no such S). The certificates in the
+solved by conjugate gradients, per sample. They are meaningful for a converged solve with a unique
+solution (A_S of full column rank). A sample whose system cannot be solved to rounding level
+(a capped solve's dense iterate, or a float32 solve certified at the default tolerance whose
+support has more coordinates than A has rows) makes the gradient raise a ValueError naming the
+sample, rather than pass a wrong number for a right one. The certificates in the
 result are recomputed from the solution, so e.g. the objective's gradient is the total one.
 The step size does not change the minimiser and is not differentiated.
 
@@ -325,6 +328,41 @@ def _minimiser_fwd(op, r, lam, delta0, config):
     return out, (op, r, lam, out[0])
 
 
+def _batched_cg(matvec, b, tol, max_iter):
+    """Solve H x = b for each sample of a batch by conjugate gradients, H = ``matvec`` a
+    positive semi-definite map that acts on each sample alone. Each sample has its own step
+    sizes and stops on its own (residual ≤ tol·‖b‖). Returns ``(x, solved)``, ``solved`` (B,)
+    False for a sample that did not get there within ``max_iter`` steps (e.g. a singular H:
+    the support has more coordinates than A has rows); its x is 0."""
+    def dot(u, v):
+        return _per_sample_sum(u * v)
+
+    rr0 = dot(b, b)
+    goal = jnp.square(tol) * rr0
+
+    def cond(state):
+        k, _, _, _, rr = state
+        return (k < max_iter) & jnp.any(rr > goal)
+
+    def body(state):
+        k, x, r, p, rr = state
+        hp = matvec(p)
+        php = dot(p, hp)
+        active = (rr > goal) & (php > 0)
+        alpha = jnp.where(active, rr / jnp.where(active, php, 1), 0)
+        x = x + _bcast(alpha, x) * p
+        r = r - _bcast(alpha, r) * hp
+        rr_next = jnp.where(active, dot(r, r), rr)
+        beta = jnp.where(active, rr_next / jnp.where(active, rr, 1), 0)
+        p = jnp.where(_bcast(active, p), r + _bcast(beta, p) * p, p)
+        return k + 1, x, r, p, rr_next
+
+    state = (jnp.zeros((), jnp.int32), jnp.zeros_like(b), b, b, rr0)
+    _, x, _, _, rr = lax.while_loop(cond, body, state)
+    solved = rr <= goal
+    return jnp.where(_bcast(solved, x), x, 0), solved
+
+
 @jax.jit
 def _minimiser_bwd_core(op, r, lam, delta, v):
     # On the support S = {δ ≠ 0} the optimality conditions F_S = [Aᵀ(Aδ − r)]_S + λ sign δ_S = 0
@@ -335,20 +373,30 @@ def _minimiser_bwd_core(op, r, lam, delta, v):
     def normal(u):
         return support * op.adjoint(op.apply(support * u))
 
-    tol = jnp.finfo(delta.dtype).eps ** 0.75
-    w, _ = jax.scipy.sparse.linalg.cg(normal, support * v, tol=tol)
+    # In exact arithmetic CG ends within |S| steps; the cap leaves room for rounding.
+    cap = 2 * jnp.max(_per_sample_sum(support)).astype(jnp.int32) + 20
+    w, solved = _batched_cg(normal, support * v, jnp.finfo(delta.dtype).eps ** 0.75, cap)
     w = support * w
 
     def inner(op, r, lam):
         return jnp.sum(op.apply(w) * (op.apply(delta) - r)) + \
             jnp.sum(_bcast(lam, delta) * w * jnp.sign(delta))
 
-    return jax.tree.map(jnp.negative, jax.grad(inner, argnums=(0, 1, 2))(op, r, lam))
+    return jax.tree.map(jnp.negative, jax.grad(inner, argnums=(0, 1, 2))(op, r, lam)), solved
 
 
 def _minimiser_bwd(config, residuals, cotangents):
     op, r, lam, delta = residuals
-    d_op, d_r, d_lam = _minimiser_bwd_core(op, r, lam, delta, cotangents[0])
+    (d_op, d_r, d_lam), solved = _minimiser_bwd_core(op, r, lam, delta, cotangents[0])
+    # solve_lasso's input checks need concrete values, so the backward pass runs on them too
+    unsolved = np.flatnonzero(~np.asarray(solved))
+    if unsolved.size:
+        raise ValueError(
+            f"gradient of solve_lasso: the system on the support of sample(s) "
+            f"{unsolved.tolist()} could not be solved (A_SᵀA_S singular or too ill-"
+            "conditioned: a capped or loosely certified solve whose support has more "
+            "coordinates than A has rows); expected a converged solve with a unique "
+            "solution: solve to a tighter tol, or in float64")
     return d_op, d_r, d_lam, jnp.zeros_like(delta)
 
 

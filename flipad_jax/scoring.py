@@ -67,11 +67,12 @@ def score_batches(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"--batch-size {batch_size!r}: expected an int >= 1")
     if features_from:
-        from flipad_jax.feature_files import read_feature_rows
+        from flipad_jax.feature_files import check_files, read_feature_rows
 
         if perturbation is not None or x_range is not None or clip:
             raise ValueError("--features-from: the features are computed already; expected no "
                              "--perturb, --x-range or --clip")
+        check_files(refs, detector)  # every file's sidecar, before anything is read or written
 
         def read(batch):
             return read_feature_rows(batch, detector)
@@ -90,7 +91,9 @@ def score_batches(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0
     def batches():
         for start in range(0, len(refs), batch_size):
             batch = list(refs[start:start + batch_size])
-            scores = detector.anomaly_score(read(batch), precomputed=features_from)
+            x = read(batch)
+            scores = (detector.anomaly_score(x, precomputed=True) if features_from
+                      else detector.anomaly_score(x))
             yield batch, np.asarray(scores, np.float32)
 
     return batches()
@@ -164,7 +167,7 @@ def write_scores(detector, refs: Sequence[ImageRef], out, *, sidecar: dict,
                    perturb=None if perturbation is None else [str(perturbation), seed],
                    x_range=None if x_range is None else [float(v) for v in x_range],
                    clip=bool(clip), features_from=bool(features_from))
-    score_batches(detector, [], batch_size=batch_size, perturbation=perturbation,
+    score_batches(detector, refs, batch_size=batch_size, perturbation=perturbation,
                   x_range=x_range, clip=clip, features_from=features_from)  # checks the arguments
     with PartialOutput(out, fmt, sidecar, overwrite=overwrite) as sink:
         todo = sink.remaining(refs)

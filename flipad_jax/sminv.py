@@ -269,6 +269,8 @@ class SMInv2:
     def input_shape_(self) -> tuple:
         return tuple(self.generator.out_shape)
 
+    image_shape_ = input_shape_  # the image shape it takes, as Detector.image_shape_
+
     def anomaly_score(self, x) -> np.ndarray:
         """s(x) ``(n,)``: the best restart's reconstruction distance."""
         return self._reconstruct(x, 1).distance

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from flipad_jax.cli import main
+from flipad_jax.cli import build_parser, main
 from flipad_jax.detector import Detector
 from tests.test_cli_score import TINY, _images
 
@@ -53,7 +53,12 @@ def test_log_records_command_results_and_exit_status(arrays, tmp_path, capsys):
     # a refused input is logged with its message, appended to the same file
     assert main(["--log", str(log), *_fit_args(arrays, tmp_path / "det")]) == 1
     assert "exit status 1" in log.read_text() and "already exists" in log.read_text()
+    assert "device: " in log.read_text()
     capsys.readouterr()
+    # a log that cannot be opened is refused input, not a crash
+    assert main(["--log", str(tmp_path / "no" / "such" / "dir.log"),
+                 *_fit_args(arrays, tmp_path / "det2")]) == 1
+    assert "cannot append to it" in capsys.readouterr().err
 
 
 def test_arguments_from_a_file_equal_the_same_arguments_inline(arrays, tmp_path, capsys):
@@ -75,6 +80,10 @@ def test_device_choice(arrays, tmp_path, capsys):
                           str(tmp_path / "nothing")], capture_output=True, text=True, env=env)
     assert run.returncode == 1, run.stderr
     assert "--device tpu: JAX cannot start a tpu backend here" in run.stderr
+    # the torch --device of convert and sample is theirs, apart from JAX's
+    args = build_parser().parse_args(["--device", "cpu", "sample", "m.pt", "--n", "1", "--out",
+                                      "o", "--device", "cuda"])
+    assert (args.jax_device, args.device) == ("cpu", "cuda")
     capsys.readouterr()
 
 

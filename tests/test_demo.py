@@ -9,13 +9,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from converters.demo import (FAMILIES, METHODS, PAPER, PAPER_WIDTHS, QUICK,  # noqa: E402
-                             _real, add_demo_parser, run_demo, settings_from_args)
+                             _real, add_demo_parser, run_demo, settings_from_args,
+                             table6_markdown)
 from converters.demo_gans import (DEMO_MODELS, GEN_OPTIONS, RECORD_FILE, WEIGHTS_DIR,  # noqa: E402
                                   DemoModel, _pull_away, _Trainer, train_demo_generators)
 from converters.generators import build_generator  # noqa: E402
 from converters.loading import load_generator  # noqa: E402
 from flipad_jax.datasets import DEFAULT_FASHION_MNIST  # noqa: E402
 from flipad_jax.detector import Detector  # noqa: E402
+from flipad_jax.sminv import SMInv2  # noqa: E402
 from tests.test_datasets import _fake_fashion, _idx_bytes  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -100,58 +102,80 @@ def test_quick_demo_end_to_end_quality_and_resume(tmp_path, monkeypatch):
     """`flipad demo --quick`, end to end: the README's claims on its tables, then a rerun."""
     out = tmp_path / "demo"
     results = run_demo(out, quick=True, progress=False)
-    assert set(results["methods"]) == set(METHODS) == {"flipad", "rawpad", "dctpad", "sm_f"}
+    assert set(METHODS) == {"flipad", "rawpad", "dctpad", "sm_f"}
+    assert set(results["methods"]) == {*METHODS, "sm_inv2"}
     for m in results["methods"].values():
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["auc"] <= 1.0
         assert m["pairs"] == len(FAMILIES) * len(FAMILIES)  # each G vs real and 3 other Gs
     # FLIPAD tells every G from real images (mean AUC ≥ 0.99) and is the best method on average
     # by the paper's measure, accuracy at fnr 0.005, and by AUC among the DeepSAD methods (SM-F's
-    # mean AUC measured 88.0 against FLIPAD's 87.4 in the quick demo, its accuracy 72.0 against
-    # 74.4).
+    # mean AUC measured 88.0 and SM-Inv₂'s 96.7 against FLIPAD's 87.4 in the quick demo, their
+    # accuracies 72.0 and 69.4 against 74.3).
     vs_real = [p["auc"] for p in results["pairs"] if p["method"] == "flipad"
                and p["other"] == "real"]
     assert len(vs_real) == len(FAMILIES) and np.mean(vs_real) >= 0.99, vs_real
     mean_acc = {method: m["accuracy"] for method, m in results["methods"].items()}
     assert max(mean_acc, key=mean_acc.get) == "flipad", mean_acc
-    mean_auc = {method: m["auc"] for method, m in results["methods"].items() if method != "sm_f"}
+    mean_auc = {method: m["auc"] for method, m in results["methods"].items()
+                if method in ("flipad", "rawpad", "dctpad")}
     assert max(mean_auc, key=mean_auc.get) == "flipad", mean_auc
+    # SM-Inv₂ (1 restart × 100 steps, 20 test images a source): G's own images reconstruct
+    # closer than real ones for every G (measured AUC 0.935 to 0.995; 0.5 is chance)
+    settings = results["settings"]
+    assert (settings["sminv_n_thr"], settings["sminv_n_test"], settings["sminv_restarts"],
+            settings["sminv_steps"]) == (200, 20, 1, 100)
+    sminv_vs_real = [p["auc"] for p in results["pairs"] if p["method"] == "sm_inv2"
+                     and p["other"] == "real"]
+    assert len(sminv_vs_real) == len(FAMILIES) and min(sminv_vs_real) >= 0.9, sminv_vs_real
     assert {(p["model"], p["other"]) for p in results["table2"]["pairs"]} == {
         ("dcgan", "dcgan_seed1")}
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["methods"] == results["methods"]
     for g in FAMILIES:
         assert (out / f"fig4_{g}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        for method in METHODS:
+        for method in results["methods"]:
             assert (out / f"hist_{method}_{g}.png").is_file()
+        # SM-Inv₂ scored its subset only: 200 of G's training images, 20 test images a source
+        with np.load(out / "work" / "sminv2" / f"{g}.npz") as npz:
+            assert {k: len(npz[k]) for k in npz.files} == {
+                "calibration": 200, "real": 20, **{f: 20 for f in FAMILIES},
+                **({"dcgan_seed1": 20} if g == "dcgan" else {})}
     tables = (out / "tables.md").read_text()
     assert "Table 2" in tables and "Table 6 analog" in tables
     claims = results["claims"]["0.05"]  # the table of claims (flipad_jax.attribute)
     assert "Claims at α = 0.05" in tables and set(claims) == {"real", *FAMILIES}
     for g in FAMILIES:  # each G claims its own test images at about 1 − α (conformal validity)
         assert claims[g][g] >= 0.9 * claims[g]["n"], claims[g]
-    # the Table-6 analog: every method's features and fit timed, per 1000 samples
-    assert set(results["timings_per_1000"]) == set(METHODS)
-    for cost in results["timings_per_1000"].values():
-        assert set(cost) == {"features_s", "fit_s"} and all(v > 0 for v in cost.values())
+    assert "SM-Inv₂ on 20 test images per source, 1 restart × 100 steps" in tables
+    # the Table-6 analog: every method's features and fit timed, SM-Inv₂'s inversion, per 1000
+    assert set(results["timings_per_1000"]) == {*METHODS, "sm_inv2"}
+    for method, cost in results["timings_per_1000"].items():
+        keys = {"invert_s"} if method == "sm_inv2" else {"features_s", "fit_s"}
+        assert set(cost) == keys and all(v > 0 for v in cost.values())
+    assert "| sm_inv2 | inverting samples | not" not in tables
     assert results["peak_rss_mib"] > 0
     # PNG round trip: every generated set went through 8-bit files
     assert len(list((out / "work" / "samples" / "dcgan" / "val").glob("*.png"))) == QUICK.n_val
 
-    # A rerun reuses every detector: none is fitted, none rewritten.
-    detectors = sorted((out / "work" / "detectors").rglob("*"))
+    # A rerun reuses every detector and SM-Inv₂'s scores: none is fitted, none rewritten.
+    detectors = sorted([*(out / "work" / "detectors").rglob("*"),
+                        *(out / "work" / "sminv2").rglob("*")])
     stamps = [p.stat().st_mtime_ns for p in detectors]
 
     def no_fit(*args, **kwargs):
         raise AssertionError("a detector was refitted on rerun")
 
     monkeypatch.setattr(Detector, "fit", no_fit)
+    monkeypatch.setattr(SMInv2, "fit", no_fit)
     again = run_demo(out, quick=True, progress=False)
-    assert sorted((out / "work" / "detectors").rglob("*")) == detectors
+    assert sorted([*(out / "work" / "detectors").rglob("*"),
+                   *(out / "work" / "sminv2").rglob("*")]) == detectors
     assert [p.stat().st_mtime_ns for p in detectors] == stamps
     assert again["pairs"] == results["pairs"]
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="other settings"):
-        run_demo(out, settings=QUICK._replace(epochs=2), progress=False)
+    for change in (dict(epochs=2), dict(sminv_steps=50)):
+        with pytest.raises(ValueError, match="other settings"):
+            run_demo(out, settings=QUICK._replace(**change), progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file").write_text("x")
     with pytest.raises(ValueError, match="not a demo folder"):
@@ -171,6 +195,12 @@ def test_size_flags_override_the_preset():
     assert PAPER_WIDTHS["flipad"] == (128, 256, 128) and PAPER.rep_dim == 128
     assert settings_from_args(_parse("--quick", "--n-train", "300", "--n-test", "50")) == \
         QUICK._replace(n_train=300, n_test=50)
+    # SM-Inv₂ at paper scale: the paper's 10 restarts × 1000 steps, threshold on all of G's
+    # training samples
+    assert (PAPER.sminv_restarts, PAPER.sminv_steps, PAPER.sminv_n_thr, PAPER.sminv_n_test) == \
+        (10, 1000, PAPER.n_train, PAPER.n_test)
+    assert settings_from_args(_parse("--quick", "--sminv-steps", "7", "--sminv-n-test", "0")) \
+        == QUICK._replace(sminv_steps=7, sminv_n_test=0)
     converged = settings_from_args(_parse("--quick", "--converged", "--real-train", "train"))
     assert (converged.tol, converged.real_train) == (1e-3, "train")
     with pytest.raises(SystemExit):
@@ -184,12 +214,27 @@ def test_size_flags_override_the_preset():
     (dict(n_train=9900, n_test=101), "n_train \\+ n_test .* = 10001: expected at most 10000"),
     (dict(n_train=60001, real_train="train"), "n_train = 60001: expected at most 60000"),
     (dict(real_train="val"), "real_train='val'"),
+    (dict(sminv_n_thr=199), "sminv_n_thr=199: expected 200 .* to n_train=500"),
+    (dict(sminv_n_thr=501), "sminv_n_thr=501: expected 200 .* to n_train=500"),
+    (dict(sminv_n_test=201), "sminv_n_test=201: expected at most n_test=200"),
+    (dict(sminv_n_test=-1), "sminv_n_test=-1"),
+    (dict(sminv_steps=0), "sminv_steps=0"),
 ])
 @pytest.mark.skipif(not HAVE_DATA, reason="Debian's dataset-fashion-mnist is not installed")
 def test_bad_sizes_are_refused_before_anything_is_written(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         run_demo(tmp_path / "demo", settings=QUICK._replace(**change), progress=False)
     assert not (tmp_path / "demo").exists()
+
+
+def test_table6_row_of_sminv_scales_its_cost_to_the_papers_settings():
+    row = next(line for line in table6_markdown({"sm_inv2": {"invert_s": 2.5}}, QUICK)
+               .splitlines() if line.startswith("| sm_inv2"))
+    # 1 restart × 100 steps is 1/100 of the paper's 10 × 1000 latent updates per image
+    assert row == ("| sm_inv2 | inverting samples | 2.50 at 1 × 100 (× 100 for the paper's "
+                   "10 × 1000: 250) | 300.75 |")
+    off = table6_markdown({}, QUICK._replace(sminv_n_test=0))
+    assert "| sm_inv2 | inverting samples | not run (sminv_n_test = 0) |" in off
 
 
 def test_real_training_images_come_from_the_named_split(tmp_path):

@@ -101,6 +101,12 @@ def test_features_of_another_solve_or_head_are_refused(setup, tmp_path, capsys):
                  str(d / "val_z.npy"), "--features-from", "--fnr", "0.05", "--out",
                  str(tmp_path / "x"), "--quiet"]) == 1
     assert "features of another head or solve" in _error(capsys)
+    # the features' sidecar sets λ and the solver: an explicit one is refused, not ignored
+    assert main(["fit", "--features", "flipad", "--bundle", str(bundle), "--model",
+                 str(d / "g_z.npy"), "--other", str(d / "other_z.npy"), "--val",
+                 str(d / "val_z.npy"), "--features-from", "--lam", "0.01", "--fnr", "0.05",
+                 "--out", str(tmp_path / "y"), "--quiet"]) == 1
+    assert "--features-from with --lam/--max-iter" in _error(capsys)
     # images are not feature files
     assert main(["score", str(tmp_path / "det"), str(d / "other.npy"), "--features-from",
                  "--out", str(out), "--quiet"]) == 1

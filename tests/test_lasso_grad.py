@@ -97,3 +97,28 @@ def test_objective_gradient_is_the_envelope_gradient(x64):
     z = fj.solve_lasso(op, p["o"], p["lam"], anchor=p["anchor"], **SOLVE).z
     envelope = -(np.asarray(z) @ p["weight"].T + p["bias"] - p["o"])
     np.testing.assert_allclose(np.asarray(jax.grad(objective)(p["o"])), envelope, atol=1e-9)
+
+
+def test_each_sample_gets_its_own_gradient_and_an_unsolvable_one_is_refused(x64):
+    # Samples of a batch are independent problems: the batch's gradient is the stack of the
+    # single-sample gradients, and a sample whose support exceeds A's rows (a capped, dense
+    # solve: A_SᵀA_S singular) makes the gradient an error naming it, not a finite wrong number.
+    rng = np.random.default_rng(3)
+    p = _linear(rng)
+    op = fj.Linear(p["weight"], p["bias"])
+    read = rng.normal(size=(2, 40))
+
+    def loss(o, lam, **solve):
+        return jnp.sum(read[:len(o)] * fj.solve_lasso(op, o, lam, anchor=p["anchor"],
+                                                      **solve).z)
+
+    batch = np.asarray(jax.grad(loss)(p["o"], p["lam"], **SOLVE))
+    for i in range(2):
+        single = jax.grad(lambda o: jnp.sum(read[i:i + 1] * fj.solve_lasso(
+            op, o, p["lam"][i:i + 1], anchor=p["anchor"], **SOLVE).z))(p["o"][i:i + 1])
+        np.testing.assert_allclose(batch[i], np.asarray(single)[0], rtol=1e-9, atol=1e-12)
+    lam = np.array([50.0, 1e-6])  # sample 0: λ above λ_max, so δ = 0 and nothing to solve
+    z = np.asarray(fj.solve_lasso(op, p["o"], lam, anchor=p["anchor"], max_iter=3).z)
+    assert np.count_nonzero(z[1] != p["anchor"]) > 20  # more nonzeros than the 20 rows
+    with pytest.raises(ValueError, match=r"support of sample\(s\) \[1\] could not be solved"):
+        jax.grad(loss)(p["o"], lam, max_iter=3)

@@ -1,11 +1,14 @@
 """op.as_lineax(): the operators inside lineax, against torch's layers and numpy's lstsq."""
 
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
-import torch
+import pytest
 
 import flipad_jax as fj
+
+torch = pytest.importorskip("torch")
+lx = pytest.importorskip("lineax")
+pytestmark = pytest.mark.torch
 
 
 def _conv_transpose(rng):

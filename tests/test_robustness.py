@@ -118,16 +118,16 @@ def test_end_to_end_shape_and_rerun_reuses_every_stage(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:  # every cell's records are reused: nothing fitted or scored
         m.setattr(Detector, "fit", refuse)
-        m.setattr(Detector, "score", refuse)
+        m.setattr(Detector, "anomaly_score", refuse)
         again = run_robustness(out, settings=TINY, progress=False)
     assert again["perturbations"] == results["perturbations"]
 
     # a cell whose records were lost is scored again with its saved detector, not refitted
     (out / "work" / "records" / "jpeg_80" / "sm_f_lsgan.json").unlink()
     scored = []
-    original = Detector.score
+    original = Detector.anomaly_score
     monkeypatch.setattr(Detector, "fit", refuse)
-    monkeypatch.setattr(Detector, "score",
+    monkeypatch.setattr(Detector, "anomaly_score",
                         lambda self, *a, **k: scored.append(1) or original(self, *a, **k))
     run_robustness(out, settings=TINY, progress=False)
     assert len(scored) == 5  # G, real and the 3 other families

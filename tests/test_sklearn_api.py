@@ -41,6 +41,7 @@ def test_clone_gives_an_unfitted_copy_with_equal_parameters():
     assert changed.fnrs == (0.05, 0.1)
     with pytest.raises(ValueError, match="not a Detector parameter"):
         det.set_params(lam=1.0)
+    assert Detector("raw", fnrs=np.array([0.05, 0.01])).fnrs == (0.01, 0.05)
 
 
 def test_cross_val_score_runs_and_separates_the_planted_pattern():
