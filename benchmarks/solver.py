@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 
 import jax
@@ -55,6 +57,28 @@ def make_problem(name, batch, seed=0):
     o = np.arctanh(np.clip(x, -1 + 1e-4, 1 - 1e-4)).astype(np.float32)
     return dict(kind=kind, op=op, weight=weight, bias=bias, stride=stride, padding=padding,
                 zbar=zbar, o=o)
+
+
+def head_problem(bundle, images, batch):
+    """A trained head's problem: the bundle's layer and z̄ (``flipad convert``), targets σ⁻¹ of
+    the first ``batch`` images of ``images`` (e.g. G's own 8-bit samples, as the demo writes
+    them), so that speed is measured where trained weights put it, not at random N(0, 0.02)."""
+    from flipad_jax.head import Head
+    from flipad_jax.images import load_images
+
+    head = Head.load(bundle)
+    op = head.op
+    kind = {"ConvTranspose2d": "conv_transpose2d", "Conv2d": "conv2d"}.get(type(op).__name__)
+    if kind is None or op.groups != 1 or op.dilation != (1, 1):
+        raise SystemExit(f"--bundle {bundle}: a {type(op).__name__} layer; the reference "
+                         "transcription covers ungrouped, undilated Conv2d/ConvTranspose2d")
+    x = load_images(images, head.output_range, shape=head.out_shape)[:batch]
+    if len(x) < batch:
+        raise SystemExit(f"--images {images}: {len(x)} images, expected at least {batch}")
+    return dict(kind=kind, op=op, weight=np.asarray(op.weight, np.float32),
+                bias=None if head.bias is None else np.asarray(head.bias, np.float32),
+                stride=op.stride, padding=op.padding,
+                zbar=np.asarray(head.zbar, np.float32), o=np.asarray(head.target(x), np.float32))
 
 
 def objective64(problem, z):
@@ -144,8 +168,8 @@ def copy_bandwidth():
     return 2 * x.nbytes / seconds
 
 
-def bench_one(name, batch, device, ref_iters):
-    problem = make_problem(name, batch)
+def bench_one(name, batch, device, ref_iters, problem=None):
+    problem = problem or make_problem(name, batch)
     o = jnp.asarray(problem["o"])
     row = dict(layer=name, batch=batch, lam=LAM)
 
@@ -201,15 +225,23 @@ def main():
     parser.add_argument("--layers", default="dcgan,lsgan")
     parser.add_argument("--batches", default="16")
     parser.add_argument("--ref-iters", type=int, default=1000)
+    parser.add_argument("--bundle", action="append", default=[], metavar="NAME=DIR",
+                        help="also a trained head: its bundle (repeatable), with --images")
+    parser.add_argument("--images", action="append", default=[], metavar="NAME=SRC",
+                        help="that head's targets: G's own images (8-bit PNGs or .npy)")
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args()
+    heads = dict(b.split("=", 1) for b in args.bundle)
+    targets = dict(i.split("=", 1) for i in args.images)
+    if set(heads) != set(targets):
+        raise SystemExit(f"--bundle names {sorted(heads)} and --images names {sorted(targets)}: "
+                         "expected one --images per --bundle")
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
     elif jax.default_backend() != "gpu" or not torch.cuda.is_available():
         raise SystemExit("--device gpu: JAX or PyTorch sees no GPU")
     report = dict(
-        command="python benchmarks/solver.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        command="python benchmarks/solver.py " + " ".join(map(shlex.quote, sys.argv[1:])),
         device=str(jax.devices()[0].device_kind), platform=platform.platform(),
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
         versions=dict(jax=jax.__version__, torch=torch.__version__, flipad_jax=fj.__version__),
@@ -219,16 +251,19 @@ def main():
     if args.device == "gpu":
         report["copy_bandwidth_bytes_per_s"] = copy_bandwidth()
         report["torch_device"] = torch.cuda.get_device_name()
-    for name in args.layers.split(","):
+    layers = [(name, None) for name in args.layers.split(",") if name] + \
+        [(f"trained {name}", name) for name in heads]
+    for name, head in layers:
         for batch in map(int, args.batches.split(",")):
-            row = bench_one(name, batch, args.device, args.ref_iters)
+            problem = None if head is None else head_problem(heads[head], targets[head], batch)
+            row = bench_one(name, batch, args.device, args.ref_iters, problem)
             if "copy_bandwidth_bytes_per_s" in report:
                 row["per_iteration"]["fraction_of_copy_bandwidth"] = (
                     row["per_iteration"]["achieved_bytes_per_s"]
                     / report["copy_bandwidth_bytes_per_s"])
             report["rows"].append(row)
             reach = row["ours_to_reference_objective"]
-            print(f"{name:6s} B={batch:5d} reference {row['reference']['seconds']:8.3f}s "
+            print(f"{name:13s} B={batch:5d} reference {row['reference']['seconds']:8.3f}s "
                   f"({row['reference']['iterations']} it) | ours default "
                   f"{row['ours_default']['seconds']:7.3f}s ({row['ours_default']['iterations_max']}"
                   f" it, {row['ours_default']['speedup_vs_reference']:.1f}x) | to ref objective "
