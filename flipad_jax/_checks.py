@@ -78,3 +78,12 @@ def check_labels(name: str, y, n: int, meanings: dict) -> np.ndarray:
         expected = ", ".join(f"{k} ({v})" for k, v in meanings.items())
         raise ValueError(f"{name} holds {sorted(values - set(meanings))}: expected {expected}")
     return y.astype(np.int32)
+
+
+def check_fields(where, record, required, what: str):
+    """``record`` if it is a dict holding every key of ``required``, else a ValueError naming
+    ``where``, the missing fields and ``what`` was expected."""
+    missing = [k for k in required if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ValueError(f"{where}: lacks the field(s) {', '.join(missing)}: expected {what}")
+    return record

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flipad_jax import checkpoint
+from flipad_jax._checks import check_fields
 from flipad_jax.bundle import Bundle, write_bundle_files
 from flipad_jax.deepsad import DeepSADConfig, DeepSADModel
 from flipad_jax.detector import DetectorState, FingerprintModel
@@ -156,11 +157,8 @@ def read_meta(path) -> dict:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r} (written by "
                          f"flipad-jax {meta.get('versions', {}).get('flipad-jax')}), expected "
                          f"{FORMAT_VERSION}; re-fit or load it with that version")
-    missing = [key for key in REQUIRED if key not in meta]
-    if missing:
-        raise ValueError(f"{path}: metadata lacks the field(s) {', '.join(missing)}: expected "
-                         "a complete detector checkpoint written by Detector.save")
-    return meta
+    return check_fields(f"{path}: its metadata", meta, REQUIRED,
+                        "a complete detector checkpoint written by Detector.save")
 
 
 def check_head(path, meta: dict, head) -> None:

@@ -46,6 +46,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from flipad_jax._checks import check_fields
 from flipad_jax._files import atomic_dir, check_new_path, sha256_file
 from flipad_jax.bundle import META_FILE, WEIGHTS_FILE
 from flipad_jax.images import ImageRef, _open_npy, read_images
@@ -262,11 +263,8 @@ def read_report(path) -> list[dict]:
             rec = json.loads((root / name).read_text())
         except (OSError, ValueError) as error:
             raise ValueError(f"{root / name}: unreadable record ({error})") from None
-        missing = [k for k in RECORD_KEYS if not isinstance(rec, dict) or k not in rec]
-        if missing:
-            raise ValueError(f"{root / name}: lacks the field(s) {', '.join(missing)}: expected "
-                             "a record of the evidence schema")
-        records.append(rec)
+        records.append(check_fields(root / name, rec, RECORD_KEYS,
+                                    "a record of the evidence schema"))
     if not records:
         raise ValueError(f"{root / REPORT_FILE}: lists no records")
     return records

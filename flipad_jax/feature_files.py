@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from flipad_jax._checks import check_fields
 from flipad_jax._files import atomic_file
 
 FORMAT = "flipad-jax features"
@@ -56,11 +57,7 @@ def read_sidecar(npy) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else meta!r},"
                          f" expected {FORMAT!r} (a sidecar written by `flipad invert`)")
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise ValueError(f"{path}: lacks the field(s) {', '.join(missing)}: expected a complete "
-                         "sidecar written by `flipad invert`")
-    return meta
+    return check_fields(path, meta, REQUIRED, "a complete sidecar written by `flipad invert`")
 
 
 def solve_settings(paths: Sequence) -> tuple:
