@@ -16,6 +16,8 @@ def add_output_flags(p, overwrite_help: str = "replace an existing --out") -> No
     """The ``--overwrite`` and ``--quiet`` flags every writing subcommand ends with."""
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # flipad's main() sets args.progress (_runtime.show_progress); without it, no bars
+    p.set_defaults(progress=False)
 
 
 def key_value(text: str) -> tuple:
