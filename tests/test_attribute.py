@@ -28,6 +28,8 @@ SMALL = dict(training=fj.DeepSADConfig(epochs=3, batch_size=32,
 LASSO = fj.LassoOptions(max_iter=60, tol=0.0)
 ALPHA = "0.05"
 
+pytestmark = pytest.mark.slow  # end-to-end CLI runs: the full suite (CI) runs them
+
 
 def _bundle(path, kind, weight, zbar):
     if kind == "conv_transpose2d":

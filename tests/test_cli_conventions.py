@@ -13,6 +13,8 @@ from flipad_jax.cli import build_parser, main
 from flipad_jax.detector import Detector
 from tests.test_cli_score import TINY, _images
 
+pytestmark = pytest.mark.slow  # end-to-end CLI runs: the full suite (CI) runs them
+
 
 @pytest.fixture(scope="module")
 def arrays(tmp_path_factory):

@@ -61,6 +61,7 @@ def _score(d, source, out, capsys=None):
     return code, (capsys.readouterr().err if capsys is not None else None)
 
 
+@pytest.mark.slow
 def test_csv_rows_are_scored_like_the_same_rows_given_to_the_detector(tabular, tmp_path):
     assert _score(tabular, tabular / "test.csv", tmp_path / "csv.jsonl")[0] == 0
     rows = [json.loads(line) for line in (tmp_path / "csv.jsonl").read_text().splitlines()]

@@ -15,6 +15,8 @@ from tests.test_cli_score import _conv_head_bundle, _error
 
 SOLVE = ["--max-iter", "60"]
 
+pytestmark = pytest.mark.slow  # end-to-end CLI runs: the full suite (CI) runs them
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

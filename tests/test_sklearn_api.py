@@ -29,6 +29,7 @@ def _detector():
                     progress=False)
 
 
+@pytest.mark.slow
 def test_clone_gives_an_unfitted_copy_with_equal_parameters():
     det = _detector()
     x, y = _labelled()
@@ -44,6 +45,7 @@ def test_clone_gives_an_unfitted_copy_with_equal_parameters():
     assert Detector("raw", fnrs=np.array([0.05, 0.01])).fnrs == (0.01, 0.05)
 
 
+@pytest.mark.slow
 def test_cross_val_score_runs_and_separates_the_planted_pattern():
     x, y = _labelled(n=300)
     scores = cross_val_score(_detector(), x, y, cv=StratifiedKFold(3, shuffle=True,
