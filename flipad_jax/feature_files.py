@@ -11,6 +11,7 @@ head or another solve are refused rather than scored.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -45,13 +46,21 @@ def write_feature_file(out, z, *, head, lam: float, options, pooled_to: Optional
 
 
 def read_sidecar(npy) -> dict:
-    """The checked sidecar of the feature file ``npy``."""
+    """The checked sidecar of the feature file ``npy``, parsed once per version of the file
+    (scoring reads it again for every batch; its per-sample list grows with the file)."""
     path = sidecar_path(npy)
     try:
-        meta = json.loads(path.read_text())
+        stat = path.stat()
     except FileNotFoundError:
         raise ValueError(f"{npy}: no sidecar {path}: expected a feature file written by "
                          "`flipad invert`") from None
+    return _parsed_sidecar(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_sidecar(path: str, mtime_ns: int, size: int) -> dict:
+    try:
+        meta = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
