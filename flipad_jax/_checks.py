@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def as_pair(name: str, value, *, minimum: int) -> tuple[int, int]:
@@ -60,10 +61,12 @@ def check_batch(name: str, x, sample_shape, what: str):
 
 
 def check_finite(name: str, x) -> None:
-    """Raise if ``x`` holds NaN or inf (one device-to-host sync)."""
-    finite = jnp.isfinite(jnp.asarray(x))
-    if not bool(jnp.all(finite)):
-        count = int(jnp.size(finite) - jnp.sum(finite))
+    """Raise if ``x`` holds NaN or inf. A device array is checked where it lives (one
+    device-to-host sync); anything else with NumPy, which needs no compile per shape."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    finite = xp.isfinite(xp.asarray(x))
+    if not bool(xp.all(finite)):
+        count = int(finite.size - xp.sum(finite))
         raise ValueError(f"{name} holds {count} NaN/inf value(s): expected finite values")
 
 

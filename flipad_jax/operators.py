@@ -183,11 +183,11 @@ class _LinearOperator:
         structure = jax.ShapeDtypeStruct(self.in_shape, self.dtype)
         return lineax.FunctionLinearOperator(lambda z: self(z[None])[0], structure)
 
-    def lipschitz(self, *, rtol: float = 1e-6, max_steps: int = 1024, key=None) -> float:
+    def lipschitz(self, *, rtol: float = 1e-6, max_steps: int = 1024, seed: int = 0) -> float:
         """‖A‖₂² = λ_max(AᵀA), the Lipschitz constant of ∇½‖Az − o‖², by Lanczos iteration.
 
-        A power iteration accelerated by Krylov subspaces: from a Gaussian start (``key``,
-        default ``PRNGKey(0)``) Lanczos on AᵀA builds a tridiagonal matrix whose largest
+        A power iteration accelerated by Krylov subspaces: from a Gaussian start (NumPy's
+        generator with ``seed``, which needs no compile, unlike ``jax.random``) Lanczos on AᵀA builds a tridiagonal matrix whose largest
         eigenvalue (a Ritz value, a lower bound that increases to ‖A‖²) is returned once it
         changes by less than ``rtol`` (relative) over the last 8 steps, or after ``max_steps``.
         Convolution spectra are nearly continuous near the top, where plain power iteration
@@ -197,14 +197,19 @@ class _LinearOperator:
         """
         if not 0 < rtol < 1:
             raise ValueError(f"rtol={rtol!r}: expected 0 < rtol < 1")
-        key = jax.random.PRNGKey(0) if key is None else key
-        steps = min(32, max_steps)
+        v = np.random.default_rng(seed).standard_normal((1,) + self.in_shape)
+        v = self.to_internal(jnp.asarray(v, self.dtype))
+        carry = (jnp.zeros_like(v), v / jnp.linalg.norm(v), jnp.zeros((), self.dtype))
+        alphas, betas = [], []
         while True:
-            tops = _top_ritz_values(*_lanczos(self, key, steps))
-            window = min(8, steps - 1)
-            if abs(tops[-1] - tops[-1 - window]) <= rtol * tops[-1] or steps >= max_steps:
-                return float(tops[-1])
-            steps = min(2 * steps, max_steps)
+            # Chunks of one compiled length continue the same recurrence, so a longer run
+            # costs no new compile.
+            carry, (a, b) = _lanczos(self, carry, min(_LANCZOS_CHUNK, max_steps - len(alphas)))
+            alphas.extend(np.asarray(a)), betas.extend(np.asarray(b))
+            k = len(alphas)
+            top, earlier = (_top_ritz_value(alphas, betas, j) for j in (k, k - min(8, k - 1)))
+            if abs(top - earlier) <= rtol * top or k >= max_steps:
+                return float(top)
 
 
 @_operator
@@ -413,11 +418,13 @@ class ConvTranspose2d(_Conv):
         return x[:, :h, :w, :] if self.layout == "NHWC" else x[:, :, :h, :w]
 
 
+_LANCZOS_CHUNK = 32
+
+
 @functools.partial(jax.jit, static_argnums=2)
-def _lanczos(op, key, steps):
-    """``steps`` Lanczos steps on AᵀA from a Gaussian start: the tridiagonal's (α, β)."""
-    v = op.to_internal(jax.random.normal(key, (1,) + op.in_shape, op.dtype))
-    v = v / jnp.linalg.norm(v)
+def _lanczos(op, carry, steps):
+    """``steps`` Lanczos steps on AᵀA from ``carry`` = (previous vector, current unit vector,
+    β): the new carry and the tridiagonal's (α, β) of these steps."""
     tiny = jnp.finfo(op.dtype).tiny
 
     def step(carry, _):
@@ -430,16 +437,11 @@ def _lanczos(op, key, steps):
         v_next = jnp.where(beta > tiny, w / jnp.maximum(beta, tiny), 0)
         return (v, v_next, beta), (alpha, beta)
 
-    init = (jnp.zeros_like(v), v, jnp.zeros((), op.dtype))
-    _, (alphas, betas) = lax.scan(step, init, None, length=steps)
-    return alphas, betas
+    return lax.scan(step, carry, None, length=steps)
 
 
-def _top_ritz_values(alphas, betas):
-    """Largest eigenvalue of the leading k×k tridiagonal, for k = 1 … len(alphas)."""
-    alphas, betas = np.asarray(alphas, np.float64), np.asarray(betas, np.float64)
-    tops = []
-    for k in range(1, len(alphas) + 1):
-        tri = np.diag(alphas[:k]) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
-        tops.append(np.linalg.eigvalsh(tri)[-1])
-    return np.array(tops)
+def _top_ritz_value(alphas, betas, k):
+    """Largest eigenvalue of the leading k×k block of the tridiagonal (α on the diagonal, β
+    beside it)."""
+    a, b = np.asarray(alphas[:k], np.float64), np.asarray(betas[:k - 1], np.float64)
+    return np.linalg.eigvalsh(np.diag(a) + np.diag(b, 1) + np.diag(b, -1))[-1]

@@ -68,6 +68,7 @@ def _error(capsys):
 
 # -- kill and resume -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_half_way_then_resume_scores_every_input_once(setup, tmp_path):
     n_rows = 2000  # 200 batches of 10, each flushed and synced: enough to be killed in the middle
     d, _, det = setup

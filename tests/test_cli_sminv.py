@@ -51,6 +51,7 @@ def test_fit_score_evaluate_sm_inv2(setup, tmp_path):
     assert records["method"] == "SM-Inv₂" and records["records"][0]["auc"] > 0.8
 
 
+@pytest.mark.slow
 def test_sm_inv2_refusals(setup, tmp_path, capsys):
     d = setup
     assert main(["fit", "--features", "sm_inv2", "--model", str(d / "g_train.npy"), "--out",

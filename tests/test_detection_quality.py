@@ -3,7 +3,6 @@ its standardisation and channel choice behave as the paper describes (METHOD.md 
 
 import copy
 
-import jax
 import numpy as np
 import pytest
 
@@ -27,12 +26,12 @@ def _twin(g):
 @pytest.fixture(scope="module")
 def twins():
     """G and G′: the same architecture and latent distribution, other last-layer weights."""
-    g = TinyGenerator(jax.random.key(0))
+    g = TinyGenerator(0)
     g_other = _twin(g)
-    keys = jax.random.split(jax.random.key(3), 5)
-    data = dict(model=g.sample(keys[0], 96), other=g_other.sample(keys[1], 96),
-                val=g.sample(keys[2], 40), test_model=g.sample(keys[3], 100),
-                test_other=g_other.sample(keys[4], 100))
+    rng = np.random.default_rng(3)
+    data = dict(model=g.sample(rng, 96), other=g_other.sample(rng, 96),
+                val=g.sample(rng, 40), test_model=g.sample(rng, 100),
+                test_other=g_other.sample(rng, 100))
     return g, data
 
 
@@ -50,7 +49,7 @@ def test_flipad_separates_a_same_architecture_twin_better_than_raw_pixels(twins)
     raw = fj.Detector(fj.FeatureConfig("raw", size=None), **SMALL)
     raw.fit(data["model"], data["other"], data["val"])
     auc_flipad, auc_raw = _auc(flipad, data), _auc(raw, data)
-    # Measured on CPU: FLIPAD 0.978, RawPAD 0.726.
+    # Measured on CPU: FLIPAD 0.967, RawPAD 0.626.
     assert auc_flipad >= 0.93, (auc_flipad, auc_raw)
     assert auc_flipad > auc_raw + 0.1, (auc_flipad, auc_raw)
 
@@ -64,7 +63,7 @@ def _features(rng, n, shift):
 def shifted_channel():
     """A FLIPAD detector fitted on features where only channel 2 tells inliers from outliers,
     and the outliers' scale differs from the inliers' everywhere (the head is never run)."""
-    g = TinyGenerator(jax.random.key(0))
+    g = TinyGenerator(0)
     rng = np.random.default_rng(0)
     inliers, val = _features(rng, 96, [0, 0, 0, 0]), _features(rng, 40, [0, 0, 0, 0])
     outliers = 3 * _features(rng, 96, [0, 0, 0, 0]) + np.float32([0, 0, 4, 0])[:, None, None]

@@ -23,29 +23,31 @@ SMALL = dict(training=DeepSADConfig(epochs=4, batch_size=32,
 
 class TinyGenerator:
     """A small reference generator in JAX: z ~ N(0, I) (4×8×8) → ReLU → ConvT(4→3, k4 s2 p1)
-    → tanh, giving 3×16×16 images; its head is the last ConvT with z̄ = E[ReLU(N(0,1))]."""
+    → tanh, giving 3×16×16 images; its head is the last ConvT with z̄ = E[ReLU(N(0,1))].
+    Draws come from NumPy generators: jax.random compiles anew for every shape, seconds a test."""
 
-    def __init__(self, key):
-        w = jax.random.normal(key, (4, 3, 4, 4)) * 0.3
+    def __init__(self, seed):
+        w = np.random.default_rng(seed).normal(size=(4, 3, 4, 4)).astype(np.float32) * 0.3
         self.head = fj.Head(fj.ConvTranspose2d(w, stride=2, padding=1, in_size=(8, 8)), "tanh",
                             jnp.full((4, 8, 8), 1.0 / np.sqrt(2 * np.pi)))
 
-    def sample(self, key, n):
-        return np.asarray(self.head.forward(jax.nn.relu(jax.random.normal(key, (n, 4, 8, 8)))))
+    def sample(self, rng, n):
+        z = rng.normal(size=(n, 4, 8, 8)).astype(np.float32)
+        return np.asarray(self.head.forward(jax.nn.relu(z)))
 
 
-def _noise(key, n):
+def _noise(rng, n):
     """Images of the same marginal range that G did not make: tanh of Gaussian noise."""
-    return np.asarray(jnp.tanh(jax.random.normal(key, (n, 3, 16, 16)) * 0.6), np.float32)
+    return np.tanh(rng.normal(size=(n, 3, 16, 16)) * 0.6).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def flipad_setup(tmp_path_factory):
-    gen = TinyGenerator(jax.random.key(0))
-    keys = jax.random.split(jax.random.key(1), 6)
-    data = dict(model=gen.sample(keys[0], 96), other=_noise(keys[1], 96),
-                val=gen.sample(keys[2], 40), test_model=gen.sample(keys[3], 100),
-                test_other=_noise(keys[4], 100))
+    gen = TinyGenerator(0)
+    rng = np.random.default_rng(1)
+    data = dict(model=gen.sample(rng, 96), other=_noise(rng, 96),
+                val=gen.sample(rng, 40), test_model=gen.sample(rng, 100),
+                test_other=_noise(rng, 100))
     det = Detector(FeatureConfig("flipad", lam=5e-4, lasso=fj.LassoOptions(max_iter=200)),
                    head=gen.head, **SMALL)
     det.fit(data["model"], data["other"], data["val"])
@@ -87,7 +89,7 @@ def test_save_load_scores_identically(flipad_setup, tmp_path):
     np.testing.assert_array_equal(no_head.anomaly_score(feats, precomputed=True), det.anomaly_score(x))
     with pytest.raises(ValueError, match="head=None"):
         no_head.anomaly_score(x)
-    other_head = TinyGenerator(jax.random.key(9)).head
+    other_head = TinyGenerator(9).head
     with pytest.raises(ValueError, match="fingerprint"):
         Detector.load(tmp_path / "det", head=other_head)
 

@@ -249,6 +249,7 @@ def test_a_refused_input_leaves_no_report(raw, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.png"]
 
 
+@pytest.mark.slow
 def test_sm_f_report_with_negative_scores_verifies(tmp_path, capsys):
     rng = np.random.default_rng(2)
     images = lambda n, mean: np.tanh(rng.normal(mean, 0.5, (n, 1, 16, 16))).astype(np.float32)

@@ -119,6 +119,7 @@ def test_random_chains_match_torch(kind, k, s, p, bias, up, slope):
                                rtol=0)
 
 
+@pytest.mark.slow
 def test_generator_is_a_pytree_that_jits(demo_bundles):
     gen = Generator.load(demo_bundles["lsgan"].path)
     z = np.random.default_rng(0).standard_normal((2, 100)).astype(np.float32)

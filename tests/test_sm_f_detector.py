@@ -78,6 +78,7 @@ def test_read_images_perturbs_the_pixels_before_decoding(tmp_path):
         read_images(list_images(tmp_path / "f.npy"), perturbation=blur)
 
 
+@pytest.mark.slow
 def test_cli_fits_and_scores_sm_f_under_a_perturbation(data, tmp_path, capsys):
     for name in ("model", "other", "val", "test_model", "test_other"):
         np.save(tmp_path / f"{name}.npy", data[name])
