@@ -69,23 +69,32 @@ def _parsed_sidecar(path: str, mtime_ns: int, size: int) -> dict:
     return check_fields(path, meta, REQUIRED, "a complete sidecar written by `flipad invert`")
 
 
+def _solver_options(path, meta: dict):
+    """The sidecar's solver settings as :class:`LassoOptions`: compared as options, not dicts,
+    so a sidecar written before a field existed holds that field's default."""
+    from flipad_jax.lasso import LassoOptions
+
+    try:
+        return LassoOptions(**meta["lasso"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: solver settings {meta['lasso']!r} are not LassoOptions "
+                         f"({error}): expected a sidecar written by `flipad invert`") from None
+
+
 def solve_settings(paths: Sequence) -> tuple:
     """``(head_fingerprint, lam, LassoOptions)`` the feature files ``paths`` share; a ValueError
     naming the first file that differs."""
-    from flipad_jax.lasso import LassoOptions
-
     first = None
     for path in paths:
         meta = read_sidecar(path)
-        settings = (meta["head_fingerprint"], meta["lam"], meta["lasso"])
+        settings = (meta["head_fingerprint"], meta["lam"], _solver_options(path, meta))
         if first is None:
             first = (path, settings)
         elif settings != first[1]:
             raise ValueError(f"{path}: features of another head or solve than {first[0]} "
                              "(head fingerprint, λ or solver settings differ): expected one "
                              "inversion's features")
-    fingerprint, lam, lasso = first[1]
-    return fingerprint, lam, LassoOptions(**lasso)
+    return first[1]
 
 
 def check_for_detector(meta: dict, path, detector) -> None:
@@ -103,7 +112,7 @@ def check_for_detector(meta: dict, path, detector) -> None:
     if meta["head_fingerprint"] != head_fingerprint(detector.head):
         raise ValueError(f"{path}: inverted with another head (fingerprint "
                          f"{meta['head_fingerprint'][:12]}…): expected the detector's head")
-    if meta["lam"] != fc.lam or meta["lasso"] != fc.lasso.to_json():
+    if meta["lam"] != fc.lam or _solver_options(path, meta) != fc.lasso:
         raise ValueError(f"{path}: solved with λ={meta['lam']:g} and {meta['lasso']}, the "
                          f"detector's features use λ={fc.lam:g} and {fc.lasso.to_json()}: "
                          "expected the same solve")

@@ -19,6 +19,15 @@ duality gap at the iterate δ⁺ itself, which every stop rule returns. δ⁺ is
 it is exactly sparse (coordinates with |y − s∇f(y)| ≤ λs are exactly 0), and with the gap rule
 the certificate is that of the features handed on, not of a nearby dense point.
 
+Continuation (``continuation=η``, off by default), per sample: the loop first solves at
+λ₁ = max(λ, ‖Aᵀr‖∞/2), and each time the iterate's relative gap at the current λₖ is ≤ 0.03 it
+moves on to λₖ₊₁ = max(λ, η λₖ), restarting the momentum; the stop rule applies once λₖ = λ.
+On small λ, where the solution is far sparser than the early iterates, the path reaches the
+solution in fewer iterations: on the shipped DCGAN and LSGAN heads (float64, batch 16) a true
+relative suboptimality of 1e-3 took 3096 and 4356 iterations with η = 0.1 and 0.2 against 6924
+and 10 819 without (``benchmarks/trained_convergence.py``). Capped solves (the demo's 50
+iterations) should not use it: they would stop on the path, at a larger λ.
+
 Restart (O'Donoghue & Candès 2015, gradient scheme), per sample: when
 ⟨y − δ⁺, δ⁺ − δ⟩ > 0 the momentum points uphill; set t⁺ = 1 and y⁺ = δ⁺.
 
@@ -88,6 +97,7 @@ from flipad_jax._checks import (check_batch, check_finite, check_floating, check
 from flipad_jax.operators import Linear
 
 _STOP_RULES = ("gap", "change", "reference")
+_STAGE_TOL = 3e-2  # relative gap that ends a stage of the λ path (continuation)
 _STARTS = ("anchor", "reference")
 
 
@@ -119,6 +129,9 @@ class LassoOptions:
       start: "anchor" (z₀ = z̄) or "reference" (z₀ = 2z̄, the reference's δ₀ = z̄); an explicit
         ``init=`` array to :func:`solve_lasso` overrides it.
       lipschitz_margin: factor on L, since Lanczos approaches ‖A‖² from below.
+      continuation: η in (0, 1): solve along a path of λ, per sample, from ‖Aᵀr‖∞/2 down to λ
+        by factors η, each stage warm-starting the next once its relative gap is ≤ 0.03; None:
+        at λ from the start. Only with the certified stop ("gap"): the path is steered by it.
     """
 
     max_iter: int = 10000
@@ -128,6 +141,7 @@ class LassoOptions:
     restart: bool = True
     start: str = "anchor"
     lipschitz_margin: float = 1.01
+    continuation: Optional[float] = None
 
     def __post_init__(self):
         check_int("max_iter", self.max_iter, minimum=0)
@@ -140,6 +154,13 @@ class LassoOptions:
         if self.step is not None:
             check_positive("step", self.step)
         check_positive("lipschitz_margin", self.lipschitz_margin)
+        if self.continuation is not None:
+            if not (isinstance(self.continuation, (int, float)) and 0 < self.continuation < 1):
+                raise ValueError(f"continuation={self.continuation!r}: expected None or a "
+                                 "factor in (0, 1)")
+            if self.stop != "gap":
+                raise ValueError(f"continuation={self.continuation!r} with stop={self.stop!r}: "
+                                 "expected stop='gap' (the path's stages end on their gap)")
 
     @classmethod
     def paper(cls, op, **overrides) -> "LassoOptions":
@@ -206,6 +227,7 @@ class _State(NamedTuple):
     grad_prev: jax.Array
     beta: jax.Array       # (B,) momentum weight of the next extrapolation
     t: jax.Array          # (B,) momentum parameter
+    lam: jax.Array        # (B,) λ of the current stage (the target λ without continuation)
     active: jax.Array     # (B,) bool, still iterating
     iterations: jax.Array
     status: jax.Array
@@ -243,8 +265,8 @@ def _certificates(delta, residual, grad, lam):
     return objective, jnp.maximum(gap, 0), _per_sample_max(kkt_coord)
 
 
-@functools.partial(jax.jit, static_argnames=("restart", "stop"))
-def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
+@functools.partial(jax.jit, static_argnames=("restart", "stop", "continuation"))
+def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuation=None):
     """The FISTA loop on internal-layout arrays; see the module docstring.
 
     Returns the solution (internal layout) and the per-sample iterations and status.
@@ -269,7 +291,7 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
         beta = _bcast(s.beta, s.delta)
         y = s.delta + beta * (s.delta - s.delta_prev)
         grad_y = s.grad + beta * (s.grad - s.grad_prev)  # ∇f is affine: no operator call
-        delta = _soft_threshold(y - step * grad_y, _bcast(lam * step, y))
+        delta = _soft_threshold(y - step * grad_y, _bcast(s.lam * step, y))
         residual, grad = residual_and_grad(delta)
 
         t_next = (1 + jnp.sqrt(1 + 4 * s.t * s.t)) / 2
@@ -279,11 +301,19 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
             t_next = jnp.where(uphill, 1, t_next)
             beta_next = jnp.where(uphill, 0, beta_next)
 
+        stage_lam = s.lam
         if stop == "gap":
-            objective, gap, kkt = _certificates(delta, residual, grad, lam)
+            objective, gap, kkt = _certificates(delta, residual, grad, s.lam)
             negligible_lam = lam <= jnp.finfo(dtype).eps * grad_scale
             done = (gap <= tol * objective + rounding) | \
                 (negligible_lam & (kkt <= tol * grad_scale))
+            if continuation is not None:
+                on_path = s.lam > lam
+                next_stage = on_path & (gap <= _STAGE_TOL * objective + rounding)
+                stage_lam = jnp.where(next_stage, jnp.maximum(lam, s.lam * continuation), s.lam)
+                t_next = jnp.where(next_stage, 1, t_next)  # a new problem: momentum restarts
+                beta_next = jnp.where(next_stage, 0, beta_next)
+                done = done & ~on_path
             nonfinite = ~jnp.isfinite(objective)
         else:
             change = _per_sample_sum(jnp.abs(delta - s.delta)) / math.prod(op.in_shape)
@@ -301,13 +331,16 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
                       grad_prev=jnp.where(keep, s.grad, s.grad_prev),
                       beta=jnp.where(step_taken, beta_next, s.beta),
                       t=jnp.where(step_taken, t_next, s.t),
+                      lam=jnp.where(step_taken, stage_lam, s.lam),
                       active=s.active & ~done & ~nonfinite,
                       iterations=s.iterations + s.active.astype(jnp.int32),
                       status=jnp.where(s.active, status, s.status), k=s.k + 1)
 
     grad0 = residual_and_grad(delta0)[1]
+    # ‖Aᵀr‖∞ is the λ above which δ = 0 is optimal; the path starts at half of it.
+    lam0 = lam if continuation is None else jnp.maximum(lam, grad_scale / 2)
     state = _State(delta=delta0, grad=grad0, delta_prev=delta0, grad_prev=grad0,
-                   beta=jnp.zeros((batch,), dtype), t=jnp.ones((batch,), dtype),
+                   beta=jnp.zeros((batch,), dtype), t=jnp.ones((batch,), dtype), lam=lam0,
                    active=jnp.ones((batch,), bool), iterations=jnp.zeros((batch,), jnp.int32),
                    status=jnp.full((batch,), Status.MAX_ITER, jnp.int32), k=jnp.zeros((), jnp.int32))
     final = lax.while_loop(cond, body, state)
@@ -317,10 +350,11 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _minimiser(op, r, lam, delta0, config):
     """δ* = argmin ½‖Aδ − r‖² + λ‖δ‖₁ (internal layout) with the loop's iterations and status;
-    ``config`` = (step, tol, max_iter, restart, stop). Differentiable in op, r and λ by implicit
-    differentiation (:func:`_minimiser_bwd`); δ* does not depend on the start δ0."""
-    step, tol, max_iter, restart, stop = config
-    return _fista(op, r, lam, delta0, step, tol, max_iter, restart=restart, stop=stop)
+    ``config`` = (step, tol, max_iter, restart, stop, continuation). Differentiable in op, r and
+    λ by implicit differentiation (:func:`_minimiser_bwd`); δ* does not depend on the start δ0."""
+    step, tol, max_iter, restart, stop, continuation = config
+    return _fista(op, r, lam, delta0, step, tol, max_iter, restart=restart, stop=stop,
+                  continuation=continuation)
 
 
 def _minimiser_fwd(op, r, lam, delta0, config):
@@ -441,7 +475,7 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
       lipschitz: L = ‖A‖² if known (e.g. from a previous result or the head bundle).
       throw: raise :class:`LassoNotConverged` if any sample ends other than CONVERGED.
       **overrides: fields of ``options`` to change for this call (max_iter, tol, stop, step,
-        restart, start, lipschitz_margin).
+        restart, start, lipschitz_margin, continuation).
 
     Returns:
       :class:`LassoResult`. Non-convergence is reported per sample in ``status`` and raised
@@ -512,7 +546,8 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
 
     r = op.out_to_internal(o - op.affine(anchor))
     delta, iterations, status = _minimiser(op, r, lam, op.to_internal(delta0),
-                                           (float(step), float(tol), max_iter, restart, stop))
+                                           (float(step), float(tol), max_iter, restart, stop,
+                                            opts.continuation))
     objective, gap, kkt = _certify(op, r, lam, delta)
     z = op.from_internal(delta) + anchor
     result = LassoResult(z=z, iterations=iterations, objective=objective, gap=gap, kkt=kkt,

@@ -36,6 +36,18 @@ def test_convert_sample_invert(tmp_path):
     diagnostics = json.loads(out.with_suffix(".json").read_text())["samples"]
     assert [d["index"] for d in diagnostics] == list(range(5))
     assert all(d["status"] == 0 for d in diagnostics)
+    # Along a λ path the certified solve ends at the same objective, within the two gaps.
+    path = tmp_path / "path.npy"
+    assert main(["invert", str(tmp_path / "bundle"), str(tmp_path / "pngs"), "--out", str(path),
+                 "--continuation", "0.2", "--quiet"]) == 0
+    on_path = json.loads(path.with_suffix(".json").read_text())
+    assert on_path["lasso"]["continuation"] == 0.2
+    for plain, d in zip(diagnostics, on_path["samples"]):
+        assert d["status"] == 0
+        assert abs(d["objective"] - plain["objective"]) <= d["gap"] + plain["gap"] + 1e-6
+    assert main(["invert", str(tmp_path / "bundle"), str(tmp_path / "pngs"), "--out",
+                 str(tmp_path / "x.npy"), "--continuation", "0.2", "--mode", "paper",
+                 "--quiet"]) == 1
     # Images of another size are refused with both shapes named, and nothing is written.
     np.save(tmp_path / "small.npy", np.zeros((2,) + head.out_shape[:1] + (8, 8), np.float32))
     assert main(["invert", str(tmp_path / "bundle"), str(tmp_path / "small.npy"), "--out",

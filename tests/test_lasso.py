@@ -56,6 +56,31 @@ def test_matches_sklearn_lasso(x64):
         np.testing.assert_allclose(res.z[i], ref.coef_, atol=1e-8)
 
 
+def test_continuation_path_ends_at_the_lasso_solution(x64):
+    # An underdetermined problem at a small λ (1e-3 λ_max), where the solution is much sparser
+    # than the early iterates: the λ path must end at scikit-learn's minimiser, certified at λ.
+    rng = np.random.default_rng(4)
+    m, n = 25, 80
+    w = rng.normal(size=(m, n))
+    o = rng.normal(size=(3, m))
+    anchor = rng.normal(size=n)
+    lam = 1e-3 * np.abs(w.T @ (o - w @ anchor).T).max(axis=0)
+    res = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, tol=1e-10, max_iter=200000,
+                         continuation=0.2)
+    assert bool(jnp.all(res.converged))
+    assert np.all(np.asarray(res.gap) <= 1e-10 * np.asarray(res.objective) * (1 + 1e-6))
+    for i in range(len(o)):
+        ref = Lasso(alpha=lam[i] / m, fit_intercept=False, tol=1e-14, max_iter=1000000)
+        ref.fit(w, o[i] - w @ anchor)
+        np.testing.assert_allclose(np.asarray(res.z[i]) - anchor, ref.coef_, atol=1e-6)
+    # λ above half of λ_max: the path has one stage, so the solve is the plain one
+    big = 0.7 * np.abs(w.T @ (o - w @ anchor).T).max(axis=0)
+    plain = fj.solve_lasso(fj.Linear(w), o, big, anchor=anchor)
+    path = fj.solve_lasso(fj.Linear(w), o, big, anchor=anchor, continuation=0.2)
+    np.testing.assert_array_equal(np.asarray(path.z), np.asarray(plain.z))
+    np.testing.assert_array_equal(np.asarray(path.iterations), np.asarray(plain.iterations))
+
+
 def test_returned_features_have_the_lasso_solutions_exact_zeros(x64):
     # The solver returns a proximal (soft-thresholded) iterate, so coordinates outside the
     # support are exactly 0, at the default certified tolerance as at a cap of a few
@@ -362,6 +387,8 @@ def test_sharded_solve_on_eight_cpu_devices_equals_single_device():
     (dict(step=-1.0), r"step=-1.0"),
     (dict(max_iter=-5), r"max_iter=-5"),
     (dict(tol=float("nan")), r"tol=nan"),
+    (dict(continuation=1.0), r"continuation=1.0: expected None or a factor in \(0, 1\)"),
+    (dict(continuation=0.2, stop="change"), r"continuation=0.2 with stop='change'"),
 ])
 def test_bad_input_is_rejected_with_a_clear_message(change, match):
     rng = np.random.default_rng(9)
