@@ -298,6 +298,7 @@ def run(args) -> dict:
                         for k, c in (("ours", ours_clock), ("reference", ref_clock))},
         "iterations": {"ours_mean": float(cat(ours, 3).mean()), "ours_max": int(cat(ours, 3).max()),
                        "ours_certified": float(cat(ours, 4).mean()),
+                       "ours_per_batch": [int(r[3].max()) for r in ours],
                        "reference_per_batch": [int(r[3]) for r in theirs]},
         "accuracy": {k: float(np.mean(v == labels)) for k, v in verdicts.items()},
         "verdict_agreement": float(np.mean(verdicts["ours"] == verdicts["reference"])),
