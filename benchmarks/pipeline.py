@@ -34,8 +34,12 @@ with PyTorch against the same targets (bar: ours ≤ the reference's). The torch
 trained weights, so the two score columns differ only through the features; its agreement with
 ours on identical features is reported as a check of the copy.
 
-    python benchmarks/pipeline.py --n-images 32 --batch 16 --device cpu \
+    OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+        python benchmarks/pipeline.py --n-images 32 --batch 16 --device cpu \
         --out benchmarks/results/pipeline_cpu.json
+
+(one thread each: on the shared 2-core CPU PyTorch's two OpenMP threads collapsed, 62 ms against
+1.7 ms for one ConvTranspose2d call). Threads and load average are recorded.
 
 Writes the JSON record to ``--out`` (images/s, their ratio ours / reference, mean objectives,
 per-stage seconds and shares, verdict agreement, load average, versions).
@@ -246,6 +250,7 @@ def objective64(ref: Reference, o, z):
 def run(args) -> dict:
     from flipad_jax.head import Head
     from flipad_jax.images import list_images
+    from flipad_jax.networks import build_network
 
     key = hashlib.sha256(json.dumps([hashlib.sha256(args.weights.read_bytes()).hexdigest(),
                                      args.n_fit, args.n_val, args.n_images, args.epochs,
@@ -256,7 +261,6 @@ def run(args) -> dict:
     start = time.perf_counter()
     det = fitted_detector(work, head, args.n_fit, args.epochs, args.batch)
     fit_s = time.perf_counter() - start
-    from flipad_jax.networks import build_network
     net = build_network(det.network_[0], **det.network_[1])
     ref = Reference(det, args.device, args.ref_max_iter)
     lasso = det.feature_config.lasso
