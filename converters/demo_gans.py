@@ -142,10 +142,12 @@ def _adam(params, betas=(0.5, 0.999)):
 class _Trainer:
     """One GAN family: ``step(real)`` updates D (and G when due) and returns (d_loss, g_loss)."""
 
-    def __init__(self, arch: str, gen: nn.Module, batch: int):
+    def __init__(self, arch: str, gen: nn.Module, batch: int, disc: nn.Module = None):
         self.arch, self.gen, self.batch, self.count = arch, gen, batch, 0
-        self.disc = {"dcgan": dcgan_discriminator, "wgangp": wgan_critic,
-                     "lsgan": lsgan_discriminator, "ebgan": EBGANDiscriminator}[arch]()
+        # ``disc``: another discriminator for the same loss (the paper-size DCGAN's, 64×64×3).
+        self.disc = disc if disc is not None else {
+            "dcgan": dcgan_discriminator, "wgangp": wgan_critic,
+            "lsgan": lsgan_discriminator, "ebgan": EBGANDiscriminator}[arch]()
         betas = (0.0, 0.9) if arch == "wgangp" else (0.5, 0.999)
         self.opt_g, self.opt_d = _adam(gen.parameters(), betas), _adam(self.disc.parameters(),
                                                                        betas)
