@@ -24,8 +24,8 @@ Continuation (``continuation=η``, off by default), per sample: the loop first s
 moves on to λₖ₊₁ = max(λ, η λₖ), restarting the momentum; the stop rule applies once λₖ = λ.
 On small λ, where the solution is far sparser than the early iterates, the path reaches the
 solution in fewer iterations: on the shipped DCGAN and LSGAN heads (float64, batch 16) a true
-relative suboptimality of 1e-3 took 3096 and 4356 iterations with η = 0.1 and 0.2 against 6924
-and 10 819 without (``benchmarks/trained_convergence.py``). Capped solves (the demo's 50
+relative suboptimality of 1e-3 took 3545 and 2836 iterations with η = 0.2 against 6924 and
+10 819 without (``benchmarks/trained_convergence.py``). Capped solves (the demo's 50
 iterations) should not use it: they would stop on the path, at a larger λ.
 
 Restart (O'Donoghue & Candès 2015, gradient scheme), per sample: when
