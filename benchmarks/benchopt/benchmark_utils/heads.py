@@ -16,13 +16,14 @@ WEIGHTS = _BENCHMARKS.parent / "converters" / "demo_weights"
 def operator_matrix(op, chunk: int = 128) -> scipy.sparse.csr_matrix:
     """A as an ``(n_out, n_in)`` float64 CSR matrix: row i is Aᵀeᵢ (the adjoint applied to the
     output basis; outputs are the smaller side of a head). Entries are the layer's weights,
-    each a single product, so float32 → float64 is exact; exact zeros are dropped."""
+    each a single product, so float32 → float64 is exact; exact zeros are dropped.
+    ``chunk``: output coordinates per adjoint call."""
     import jax.numpy as jnp
 
     n_out = int(np.prod(op.out_shape))
     rows = []
     for start in range(0, n_out, chunk):
-        basis = np.zeros((min(chunk, n_out - start), n_out), np.float32)
+        basis = np.zeros((min(chunk, n_out - start), n_out), op.dtype)
         basis[np.arange(len(basis)), start + np.arange(len(basis))] = 1
         rows_dense = np.asarray(op.T(jnp.asarray(basis.reshape((-1,) + op.out_shape))))
         rows.append(scipy.sparse.csr_matrix(rows_dense.reshape(len(basis), -1).astype(np.float64)))
