@@ -2,9 +2,10 @@
 
 Suboptimality is relative, (P − P̂)/P̂, where P̂ is the lowest batch-mean objective any solver
 reached on that dataset (an estimate of the optimum, so the best solver's last point reads 0).
-Writes ``curves.csv`` (dataset, solver, iterations, seconds, objective, suboptimality),
-``time_to_suboptimality.csv`` (per dataset and solver, the first run — fewest iterations — whose
-suboptimality is ≤ each threshold, its iterations and seconds; empty where never reached) and
+Writes ``curves.csv`` (dataset, solver, sampling strategy, stop_val — iterations, or the
+tolerance for the scikit-learn style solvers — seconds, objective, suboptimality),
+``time_to_suboptimality.csv`` (per dataset and solver, the first run in order of effort whose
+suboptimality is ≤ each threshold, its stop_val and seconds; empty where never reached) and
 ``suboptimality.png`` (suboptimality against time, one panel per dataset), and prints the
 threshold table as markdown.
 
@@ -27,11 +28,13 @@ THRESHOLDS = (1e-2, 1e-4, 1e-6)
 def curves(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, solver, run): the columns this summary needs, with suboptimality."""
     out = pd.DataFrame({"dataset": results["dataset_name"], "solver": results["solver_name"],
-                        "iterations": results["stop_val"], "seconds": results["time"],
+                        "strategy": results["sampling_strategy"], "stop_val": results["stop_val"], "seconds": results["time"],
                         "objective": results["objective_value"]})
     best = out.groupby("dataset")["objective"].transform("min")
     out["suboptimality"] = (out["objective"] - best) / best
-    return out.sort_values(["dataset", "solver", "iterations"]).reset_index(drop=True)
+    # runs in order of effort: more iterations, or a smaller tolerance
+    out["effort"] = np.where(out["strategy"] == "tolerance", -out["stop_val"], out["stop_val"])
+    return out.sort_values(["dataset", "solver", "effort"]).drop(columns="effort").reset_index(drop=True)
 
 
 def time_to(curve: pd.DataFrame, thresholds=THRESHOLDS) -> pd.DataFrame:
@@ -41,7 +44,7 @@ def time_to(curve: pd.DataFrame, thresholds=THRESHOLDS) -> pd.DataFrame:
         for thr in thresholds:
             reached = runs[runs["suboptimality"] <= thr]
             first = reached.iloc[0] if len(reached) else None
-            row[f"iterations@{thr:g}"] = None if first is None else int(first["iterations"])
+            row[f"stop_val@{thr:g}"] = None if first is None else float(first["stop_val"])
             row[f"seconds@{thr:g}"] = None if first is None else float(first["seconds"])
         rows.append(row)
     return pd.DataFrame(rows)
@@ -53,8 +56,8 @@ def markdown(table: pd.DataFrame, thresholds=THRESHOLDS) -> str:
     for _, row in table.iterrows():
         cells = []
         for t in thresholds:
-            s, k = row[f"seconds@{t:g}"], row[f"iterations@{t:g}"]
-            cells.append("not reached" if pd.isna(s) else f"{s:.3g} s ({int(k)} it.)")
+            s = row[f"seconds@{t:g}"]
+            cells.append("not reached" if pd.isna(s) else f"{s:.3g} s")
         lines.append(f"| {row['dataset']} | {row['solver']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
