@@ -68,19 +68,21 @@ def plot(curve: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datasets = sorted(curve["dataset"].unique())
+    colours = {s: f"C{i}" for i, s in enumerate(sorted(curve["solver"].unique()))}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for solver, runs in curve[curve["dataset"] == dataset].groupby("solver"):
             # a run at 0 iterations takes ~0 s: start the log axis at the first timed run
             runs = runs[runs["seconds"] > 0]
             ax.loglog(runs["seconds"], np.maximum(runs["suboptimality"], 1e-10), ".-",
-                      label=solver)
+                      color=colours[solver], label=solver)
         ax.set_title(dataset, fontsize=8)
         ax.set_xlabel("seconds")
         ax.set_ylabel("relative suboptimality (floor 1e-10)")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(colours),
+               fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110, format="png")
 
 
