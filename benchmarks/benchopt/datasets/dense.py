@@ -1,7 +1,7 @@
-import flipad_jax as fj
 from benchopt import BaseDataset
 
-from benchmark_utils.problem import dense_problem
+from benchmark_utils.problem import dense_problem  # also puts this repository on sys.path
+import flipad_jax as fj  # noqa: E402, I001
 
 
 class Dataset(BaseDataset):

@@ -2,6 +2,7 @@ import jax
 import numpy as np
 from benchopt import BaseSolver
 
+import benchmark_utils  # noqa: F401  (this repository's flipad_jax first on sys.path)
 import flipad_jax as fj
 
 
