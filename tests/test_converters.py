@@ -41,9 +41,11 @@ def _head_io(model, layer, z):
     return seen["i"], seen["o"], x
 
 
-# lsgan and medigan_dcgan convert slowest: full suite only (the fast subset keeps the others)
+# lsgan, medigan_dcgan and sd_vae_last convert slowest: full suite only (the fast subset keeps
+# the others)
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow)
-                                  if a in ("lsgan", "medigan_dcgan") else a for a in sorted(ARCHS)])
+                                  if a in ("lsgan", "medigan_dcgan", "sd_vae_last") else a
+                                  for a in sorted(ARCHS)])
 def test_reference_architectures_convert_and_round_trip(arch, tmp_path, x64):
     g = _small(arch)
     torch.save(g.state_dict(), tmp_path / "g.pth")
