@@ -395,7 +395,7 @@ class Conv2d(_Conv):
         return self._transposed(y, extra)
 
 
-_METHODS = ("auto", "direct", "polyphase")
+_METHODS = ("direct", "polyphase")
 
 
 @_operator
@@ -406,19 +406,21 @@ class ConvTranspose2d(_Conv):
     Args: as :class:`Conv2d`, plus ``output_padding`` (int or pair, each < max(stride,
       dilation)), the extra rows/cols PyTorch appends to the output, and ``method``:
 
-      * ``"direct"``: the input-dilated convolution (and a strided one for the adjoint);
-      * ``"polyphase"``: the sub-pixel form (see the comment above ``_phases``), only stride-1
-        convolutions; needs ``dilation == (1, 1)``;
-      * ``"auto"`` (default): polyphase where it applies and the stride exceeds 1, else direct.
-        The rule is from XLA:CPU measurements (``benchmarks/conv_variants.py --cpu-solver``):
-        on the DCGAN heads the polyphase pair ran the FISTA iteration faster at batch 16 and
-        256. The GPU is unmeasured here; an H100 gave 1.08 ms for the polyphase pair against
-        1.38 ms direct (DCGAN, batch 1000), the only GPU evidence.
+      * ``"direct"`` (default): the input-dilated convolution, and the strided one as adjoint;
+      * ``"polyphase"``: the sub-pixel form (see the comment above ``_phases``): only stride-1
+        convolutions, for the map and its adjoint; needs ``dilation == (1, 1)``.
+
+    Why direct is the default: on XLA:CPU it ran the FISTA iteration as fast or faster than
+    polyphase on both DCGAN heads at batch 16 and 256 (``benchmarks/conv_variants.py --heads``;
+    XLA:CPU already skips the inserted zeros of the input-dilated conv, and its stride-1
+    adjoint conv ran slower than the strided one). On a GPU this implementation is unmeasured;
+    an H100 prototype of the sub-pixel pair took 1.08 ms against 1.38 ms direct (DCGAN, batch
+    1000), so ``method="polyphase"`` is the one to try there.
     """
 
     transposed: ClassVar[bool] = True
     output_padding: tuple[int, int] = _static(default=0, kw_only=True)
-    method: str = _static(default="auto", kw_only=True)
+    method: str = _static(default="direct", kw_only=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -426,22 +428,15 @@ class ConvTranspose2d(_Conv):
             raise ValueError(f"method={self.method!r}: expected one of {list(_METHODS)}")
         if self.method == "polyphase" and self.dilation != (1, 1):
             raise ValueError(f"method='polyphase' with dilation={self.dilation}: the polyphase "
-                             "form needs dilation (1, 1); use method='direct' or 'auto'")
-
-    @property
-    def polyphase(self) -> bool:
-        """Whether the maps run in polyphase form (``method`` resolved for this geometry)."""
-        if self.method == "auto":
-            return self.dilation == (1, 1) and max(self.stride) > 1
-        return self.method == "polyphase"
+                             "form needs dilation (1, 1); use method='direct'")
 
     def apply(self, z):
-        if self.polyphase:
+        if self.method == "polyphase":
             return self._polyphase_apply(z)
         return self._transposed(z, self.output_padding)
 
     def adjoint(self, y):
-        if self.polyphase:
+        if self.method == "polyphase":
             return self._polyphase_adjoint(y)
         # With output_padding ≥ stride (possible when dilation > stride) the conv yields more
         # rows than the input has; the extra ones are not part of the adjoint.
