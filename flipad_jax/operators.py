@@ -33,7 +33,8 @@ Geometry arithmetic, per spatial dimension (PyTorch's definitions, k the kernel 
 The transposed convolution is the adjoint of ``conv2d(·; W)`` with the weight exactly as stored,
 so both operators are built from two kernels of the same weight: a *direct* kernel (the conv) and
 a *transposed* kernel (spatially flipped, in/out swapped within each group, run with input
-dilation ``s`` and padding ``d(k-1) - p`` — negative padding crops).
+dilation ``s`` and padding ``d(k-1) - p`` — negative padding crops). ``ConvTranspose2d(method=
+"polyphase")`` computes the same two maps with stride-1 convolutions only (the sub-pixel form).
 """
 
 from __future__ import annotations
@@ -410,10 +411,11 @@ class ConvTranspose2d(_Conv):
       * ``"polyphase"``: the sub-pixel form (see the comment above ``_phases``): only stride-1
         convolutions, for the map and its adjoint; needs ``dilation == (1, 1)``.
 
-    Why direct is the default: on XLA:CPU it ran the FISTA iteration as fast or faster than
-    polyphase on both DCGAN heads at batch 16 and 256 (``benchmarks/conv_variants.py --heads``;
-    XLA:CPU already skips the inserted zeros of the input-dilated conv, and its stride-1
-    adjoint conv ran slower than the strided one). On a GPU this implementation is unmeasured;
+    Why direct is the default: on XLA:CPU the direct pair (forward + adjoint) was 1.2–1.6×
+    faster than polyphase on both DCGAN heads and a k3 s2 layer at batch 16 and 256, and the
+    FISTA iteration no slower beyond noise (``benchmarks/conv_variants.py --heads``). XLA:CPU
+    evidently skips the inserted zeros of the input-dilated conv, and the polyphase adjoint's
+    stride-1 conv ran slower than the strided one. On a GPU this implementation is unmeasured;
     an H100 prototype of the sub-pixel pair took 1.08 ms against 1.38 ms direct (DCGAN, batch
     1000), so ``method="polyphase"`` is the one to try there.
     """
