@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import flipad_jax as fj
 from tests._geometry import build, conv_geometry, weight_shape
 
+BOTH_MAPS = jax.jit(lambda op, z, y: (op(z), op.T(y)))  # one compile per geometry, not per op
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -44,6 +45,32 @@ def test_adjoint_dot_product_and_linear_transpose(x64, transposed, data):
     # The autodiff transpose of the forward map is an independent oracle for the adjoint.
     (oracle,) = jax.linear_transpose(op, z)(y)
     np.testing.assert_allclose(op.T(y), oracle, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_polyphase_adjoint_dot_product(x64, data):
+    """⟨Az, y⟩ = ⟨z, Aᵀy⟩ in float64 for the polyphase form (its own pair of maps)."""
+    g = dict(data.draw(conv_geometry(True, max_dilation=1)),
+             layout=data.draw(st.sampled_from(["NHWC", "NCHW"])))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    op = build(fj, g, rng.normal(size=weight_shape(g, True)), True, method="polyphase")
+    z = jnp.asarray(rng.normal(size=(g["batch"],) + op.in_shape))
+    y = jnp.asarray(rng.normal(size=(g["batch"],) + op.out_shape))
+    out, back = BOTH_MAPS(op, z, y)
+    np.testing.assert_allclose(jnp.vdot(out, y), jnp.vdot(z, back), rtol=1e-10, atol=1e-10)
+
+
+def test_method_is_static_and_survives_the_pytree():
+    w = np.random.default_rng(6).normal(size=(4, 3, 4, 4)).astype(np.float32)
+    ops = [fj.ConvTranspose2d(w, stride=2, padding=1, in_size=(5, 5), method=m)
+           for m in ("direct", "polyphase")]
+    (leaves, direct), (_, polyphase) = (jax.tree_util.tree_flatten(op) for op in ops)
+    assert all(isinstance(leaf, jax.Array) for leaf in leaves)
+    assert direct != polyphase  # so jit compiles each form apart
+    assert jax.tree_util.tree_unflatten(polyphase, leaves).method == "polyphase"
+    assert fj.ConvTranspose2d(w, stride=2, padding=1, in_size=(5, 5)).method == "direct"
 
 
 @pytest.mark.slow
@@ -129,6 +156,8 @@ def test_jit_traces_once_per_geometry():
     (dict(stride=(1, 2, 3)), "stride="),
     (dict(stride=2, output_padding=2), "output_padding="),
     (dict(in_size=(1, 1), padding=3), "empty output"),
+    (dict(method="fft"), "method='fft'"),
+    (dict(method="polyphase", dilation=(1, 2)), r"dilation=\(1, 2\)"),
 ])
 def test_invalid_geometry_is_rejected(kwargs, match):
     w = np.ones((4, 2, 3, 3), np.float32)
