@@ -188,9 +188,10 @@ class _LinearOperator:
         """‖A‖₂² = λ_max(AᵀA), the Lipschitz constant of ∇½‖Az − o‖², by Lanczos iteration.
 
         A power iteration accelerated by Krylov subspaces: from a Gaussian start (NumPy's
-        generator with ``seed``, which needs no compile, unlike ``jax.random``) Lanczos on AᵀA builds a tridiagonal matrix whose largest
-        eigenvalue (a Ritz value, a lower bound that increases to ‖A‖²) is returned once it
-        changes by less than ``rtol`` (relative) over the last 8 steps, or after ``max_steps``.
+        generator with ``seed``, which needs no compile, unlike ``jax.random``) Lanczos on AᵀA
+        builds a tridiagonal matrix whose largest eigenvalue (a Ritz value, a lower bound that
+        increases to ‖A‖²) is returned once it changes by less than ``rtol`` (relative) over the
+        last 8 steps, or after ``max_steps``.
         Convolution spectra are nearly continuous near the top, where plain power iteration
         stalls (0.4% short after 2000 steps on a small test conv); Lanczos was within 1e-12 of
         the dense matrix's largest squared singular value after 32 steps on the same operator.
@@ -206,7 +207,8 @@ class _LinearOperator:
             # Chunks of one compiled length continue the same recurrence, so a longer run
             # costs no new compile.
             carry, (a, b) = _lanczos(self, carry, min(_LANCZOS_CHUNK, max_steps - len(alphas)))
-            alphas.extend(np.asarray(a)), betas.extend(np.asarray(b))
+            alphas.extend(np.asarray(a))
+            betas.extend(np.asarray(b))
             k = len(alphas)
             top, earlier = (_top_ritz_value(alphas, betas, j) for j in (k, k - min(8, k - 1)))
             if abs(top - earlier) <= rtol * top or k >= max_steps:

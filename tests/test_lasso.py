@@ -40,6 +40,16 @@ def _small_dcgan_layer(rng, dtype=np.float64, channels=8, size=6):
     return fj.ConvTranspose2d(w, stride=2, padding=1, in_size=(size, size))
 
 
+def _anchored_linear_problem(seed, m, n):
+    """A dense (m, n) layer, 3 targets and an anchor, with each sample's λ_max (above it z̄ is
+    optimal)."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(m, n))
+    o = rng.normal(size=(3, m))
+    anchor = rng.normal(size=n)
+    return w, o, anchor, np.abs(w.T @ (o - w @ anchor).T).max(axis=0)
+
+
 def test_matches_sklearn_lasso(x64):
     rng = np.random.default_rng(0)
     m, n = 20, 40
@@ -59,12 +69,9 @@ def test_matches_sklearn_lasso(x64):
 def test_continuation_path_ends_at_the_lasso_solution(x64):
     # An underdetermined problem at a small λ (1e-3 λ_max), where the solution is much sparser
     # than the early iterates: the λ path must end at scikit-learn's minimiser, certified at λ.
-    rng = np.random.default_rng(4)
-    m, n = 25, 80
-    w = rng.normal(size=(m, n))
-    o = rng.normal(size=(3, m))
-    anchor = rng.normal(size=n)
-    lam = 1e-3 * np.abs(w.T @ (o - w @ anchor).T).max(axis=0)
+    m = 25
+    w, o, anchor, lam_max = _anchored_linear_problem(4, m, 80)
+    lam = 1e-3 * lam_max
     res = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, tol=1e-10, max_iter=200000,
                          continuation=0.2)
     assert bool(jnp.all(res.converged))
@@ -74,7 +81,7 @@ def test_continuation_path_ends_at_the_lasso_solution(x64):
         ref.fit(w, o[i] - w @ anchor)
         np.testing.assert_allclose(np.asarray(res.z[i]) - anchor, ref.coef_, atol=1e-6)
     # λ above half of λ_max: the path has one stage, so the solve is the plain one
-    big = 0.7 * np.abs(w.T @ (o - w @ anchor).T).max(axis=0)
+    big = 0.7 * lam_max
     plain = fj.solve_lasso(fj.Linear(w), o, big, anchor=anchor)
     path = fj.solve_lasso(fj.Linear(w), o, big, anchor=anchor, continuation=0.2)
     np.testing.assert_array_equal(np.asarray(path.z), np.asarray(plain.z))
@@ -85,12 +92,9 @@ def test_returned_features_have_the_lasso_solutions_exact_zeros(x64):
     # The solver returns a proximal (soft-thresholded) iterate, so coordinates outside the
     # support are exactly 0, at the default certified tolerance as at a cap of a few
     # iterations; a dense extrapolated point would have almost no exact zeros.
-    rng = np.random.default_rng(3)
     m, n = 30, 60
-    w = rng.normal(size=(m, n))
-    o = rng.normal(size=(3, m))
-    anchor = rng.normal(size=n)
-    lam = 0.4 * np.abs(w.T @ (o - w @ anchor).T).max(axis=0)  # 0.4 λ_max: a sparse solution
+    w, o, anchor, lam_max = _anchored_linear_problem(3, m, n)
+    lam = 0.4 * lam_max  # a sparse solution
     for options in (dict(), dict(tol=1e-12, max_iter=50000)):
         res = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, **options)
         assert bool(jnp.all(res.converged))
