@@ -24,15 +24,19 @@ inverted together: :func:`invert_stacked` runs one compiled FISTA loop ``jax.vma
 the model axis of their stacked operator leaves; λ, step, tolerance, max_iter and start stay
 per model. Per-sample freezing makes each model's result what its own solve gives (to float
 rounding: the batched convolution sums in another order; a certified stop that falls within
-that rounding of its bound may then come one iteration apart). On XLA:CPU the vmap of a
-convolution whose kernel is batched lowers to a grouped convolution, much slower than the
-ungrouped ones a loop runs: on the demo's four same-geometry heads the stacked solve took
-2.5–4× the loop's time (``benchmarks/attribute.py``). Stacking is therefore off by default
-on the CPU backend and on elsewhere (``stack=None``), where it has not been measured yet.
+that rounding of its bound may then come one iteration apart). JAX's vmap of a convolution
+whose kernel is batched is a grouped convolution, which XLA:CPU runs 10–16× slower than the
+ungrouped ones a loop runs; the stacked operators therefore convolve with
+``kernel_batching="block_diagonal"`` (one dense convolution over the models' stacked channels,
+exact). Even so, on the 2-core CPU the stacked solve measured 0.75–1.07× the loop's speed on the
+demo's four same-geometry heads (``benchmarks/attribute.py``): the solver's elementwise work
+dominates an iteration and stacking does not reduce it. Stacking is therefore off by default on
+the CPU backend and on elsewhere (``stack=None``), where it has not been measured yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -227,6 +231,14 @@ def _solve_stacked(leaves, o, anchor, lam, reference_start, step, tol, max_iter,
     return jax.vmap(one)(leaves, o, anchor, lam, reference_start, step, tol, max_iter)
 
 
+def _block_diagonal_when_stacked(op):
+    """A convolution whose vmap over the model axis runs one dense block-diagonal convolution
+    instead of a grouped one (:class:`~flipad_jax.operators.Conv2d`'s ``kernel_batching``)."""
+    if "kernel_batching" in {f.name for f in dataclasses.fields(op)}:
+        return dataclasses.replace(op, kernel_batching="block_diagonal")
+    return op
+
+
 def geometry_key(head, options: LassoOptions, batch_size: int = 0) -> tuple:
     """Heads (with solver settings) of equal keys can be inverted by one stacked solve."""
     leaves, treedef = jax.tree_util.tree_flatten(head.op)
@@ -262,8 +274,9 @@ def invert_stacked(heads: Sequence, x, lams: Sequence[float],
             lipschitz = check_positive("lipschitz", h.lipschitz or h.op.lipschitz())
             steps.append(1.0 / (opts.lipschitz_margin * lipschitz))
     dtype = o.dtype
-    treedef = jax.tree_util.tree_structure(heads[0].op)
-    leaves = [jnp.stack(ls) for ls in zip(*(jax.tree_util.tree_leaves(h.op) for h in heads))]
+    ops = [_block_diagonal_when_stacked(h.op) for h in heads]
+    treedef = jax.tree_util.tree_structure(ops[0])
+    leaves = [jnp.stack(ls) for ls in zip(*(jax.tree_util.tree_leaves(op) for op in ops))]
     lam = jnp.asarray([check_positive("lam", v, allow_zero=True) for v in lams], dtype)
     z, iterations, status = _solve_stacked(
         leaves, o, jnp.stack([h.zbar for h in heads]), lam,

@@ -113,6 +113,9 @@ _LAYOUTS = {  # internal layout → (dimension numbers, kernel permutation from 
 }
 
 
+_KERNEL_BATCHINGS = ("grouped", "block_diagonal")
+
+
 def _check_layout(layout):
     if layout not in _LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected 'NHWC' or 'NCHW'")
@@ -127,11 +130,57 @@ def _transposed_oihw(w_oihw, groups: int):
     return w[:, :, ::-1, ::-1]
 
 
-def _conv(x, kernel, layout, *, stride, padding, lhs_dilation, rhs_dilation, groups, precision):
-    return lax.conv_general_dilated(
-        x, kernel, window_strides=stride, padding=padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=_LAYOUTS[layout][0],
-        feature_group_count=groups, precision=_PRECISIONS[precision])
+def _conv(x, kernel, layout, *, stride, padding, lhs_dilation, rhs_dilation, groups, precision,
+          kernel_batching="grouped"):
+    conv = functools.partial(
+        lax.conv_general_dilated, window_strides=stride, padding=padding,
+        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=_LAYOUTS[layout][0], precision=_PRECISIONS[precision])
+    if kernel_batching == "grouped":
+        return conv(x, kernel, feature_group_count=groups)
+    return _block_diagonal_batching(conv, layout, groups)(x, kernel)
+
+
+def _block_diagonal_batching(conv, layout, groups):
+    """``conv(x, kernel)`` whose ``vmap`` over a batch of M kernels runs one ungrouped
+    convolution with the M kernels on the diagonal of a dense (M·C_in, M·C_out) kernel, the M
+    inputs side by side along the channels. XLA lowers the default batching rule to a grouped
+    convolution, which XLA:CPU runs far slower than the dense one despite its M× fewer
+    multiply-adds (``benchmarks/attribute.py``). Not reverse-differentiable (``custom_vmap``)."""
+    @jax.custom_batching.custom_vmap
+    def one(x, kernel):
+        return conv(x, kernel, feature_group_count=groups)
+
+    @one.def_vmap
+    def stacked(m, in_batched, x, kernel):
+        x_batched, kernel_batched = in_batched
+        if not kernel_batched:  # one kernel: the stacked inputs are a longer batch
+            x = x if x_batched else x[None]
+            out = one(x.reshape((-1,) + x.shape[2:]), kernel)
+            return out.reshape(x.shape[:2] + out.shape[1:]), True
+        x = x if x_batched else jnp.broadcast_to(x, (m,) + x.shape)
+        kernel = _block_diagonal_kernel(kernel, groups, layout)
+        if layout == "NHWC":  # (M, B, H, W, C) → (B, H, W, M·C): model m's channels are block m
+            out = conv(jnp.moveaxis(x, 0, -2).reshape(x.shape[1:-1] + (-1,)), kernel)
+            return jnp.moveaxis(out.reshape(out.shape[:-1] + (m, -1)), -2, 0), True
+        out = conv(jnp.moveaxis(x, 0, 1).reshape((x.shape[1], -1) + x.shape[3:]), kernel)
+        return jnp.moveaxis(out.reshape((out.shape[0], m, -1) + out.shape[2:]), 1, 0), True
+
+    return one
+
+
+def _block_diagonal_kernel(kernels, groups, layout):
+    """M kernels ``(M, *kernel)`` (HWIO or OIHW, ``groups`` groups) → one ungrouped kernel
+    whose M·groups diagonal blocks are the groups' kernels, zeros elsewhere."""
+    if layout == "NCHW":  # OIHW → HWIO and back
+        hwio = jnp.transpose(kernels, (0, 3, 4, 2, 1))
+        return jnp.transpose(_block_diagonal_kernel(hwio, groups, "NHWC"), (3, 2, 0, 1))
+    m, kh, kw, i_g, o = kernels.shape
+    blocks = kernels.reshape(m, kh, kw, i_g, groups, o // groups)
+    blocks = jnp.moveaxis(blocks, 4, 1).reshape(m * groups, kh, kw, i_g, o // groups)
+    eye = jnp.eye(m * groups, dtype=kernels.dtype)  # a product, not a dot: exact on any backend
+    dense = jnp.moveaxis(blocks, 0, 2)[:, :, :, :, None, :] * eye[None, None, :, None, :, None]
+    return dense.reshape(kh, kw, m * groups * i_g, m * o)
 
 
 class _LinearOperator:
@@ -268,6 +317,7 @@ class _Conv(_LinearOperator):
     groups: int = _static(default=1)
     precision: Optional[str] = _static(default="highest")
     layout: str = _static(default="NHWC")
+    kernel_batching: str = _static(default="grouped")
 
     transposed: ClassVar[bool]  # the subclasses also define output_padding
 
@@ -280,6 +330,9 @@ class _Conv(_LinearOperator):
              padding=as_pair("padding", self.padding, minimum=0),
              dilation=as_pair("dilation", self.dilation, minimum=1), groups=int(groups),
              precision=_check_precision(self.precision), layout=_check_layout(self.layout))
+        if self.kernel_batching not in _KERNEL_BATCHINGS:
+            raise ValueError(f"kernel_batching={self.kernel_batching!r}: expected one of "
+                             f"{list(_KERNEL_BATCHINGS)}")
         if self.transposed:
             output_padding = as_pair("output_padding", self.output_padding, minimum=0)
             for s, d, e in zip(self.stride, self.dilation, output_padding):
@@ -350,7 +403,7 @@ class _Conv(_LinearOperator):
         return _conv(x, kernel, self.layout, stride=self.stride,
                           padding=[(p, p) for p in self.padding], lhs_dilation=(1, 1),
                           rhs_dilation=self.dilation, groups=self.groups,
-                          precision=self.precision)
+                          precision=self.precision, kernel_batching=self.kernel_batching)
 
     def _transposed(self, x, extra):
         """conv_transpose2d(x; W) with ``extra`` rows/cols appended (PyTorch's output_padding)."""
@@ -360,7 +413,8 @@ class _Conv(_LinearOperator):
                                _LAYOUTS[self.layout][1])
         return _conv(x, kernel, self.layout, stride=(1, 1), padding=pad,
                           lhs_dilation=self.stride, rhs_dilation=self.dilation,
-                          groups=self.groups, precision=self.precision)
+                          groups=self.groups, precision=self.precision,
+                          kernel_batching=self.kernel_batching)
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.in_channels}→{self.out_channels}, "
@@ -382,6 +436,11 @@ class Conv2d(_Conv):
       precision: convolution precision: "highest" (default, true float32), "high", "default",
         or None for the backend's default (TF32 on recent NVIDIA GPUs).
       layout: internal layout, "NHWC" (default, see the module docstring) or "NCHW".
+      kernel_batching: how ``jax.vmap`` over a stack of these operators (batched weights)
+        convolves: "grouped" (default, JAX's rule: one grouped convolution, differentiable) or
+        "block_diagonal" (one dense convolution with the M kernels on a block diagonal: M× the
+        multiply-adds, but far faster than grouped on XLA:CPU; not reverse-differentiable).
+        What one unbatched operator computes is the same either way.
     """
 
     transposed: ClassVar[bool] = False
@@ -480,7 +539,8 @@ class ConvTranspose2d(_Conv):
     def _phase_conv(self, x, kernel_oihw, padding):
         kernel = jnp.transpose(kernel_oihw, _LAYOUTS[self.layout][1])
         return _conv(x, kernel, self.layout, stride=(1, 1), padding=padding, lhs_dilation=(1, 1),
-                     rhs_dilation=(1, 1), groups=self.groups, precision=self.precision)
+                     rhs_dilation=(1, 1), groups=self.groups, precision=self.precision,
+                     kernel_batching=self.kernel_batching)
 
     def _channels_last(self, x, inverse=False):
         """The NHWC view the interleaving works in (a transpose XLA fuses into it for NCHW)."""
