@@ -10,14 +10,20 @@ Runs the demo once per training size (n_val = n_test fixed), each into its own f
      "paper_table12": {…}}
 
 Accuracies are fractions at fnr 0.005, means over the 16 (G, G′) pairs of Table 1; ``per_g``
-averages over each G's four G′. Every size draws its real training images from the same split
+averages over each G's four G′. ``--seeds`` repeats each size with other run seeds (``flipad demo
+--seed``: G's latents, the real images drawn, DeepSAD's initialisation and batches); runs of
+``--out`` at other (size, seed) pairs are kept, and ``"spread"`` gives, per size run with more
+than one seed, each method's mean and standard deviation (ddof 1) over its seeds. Every size draws its real training images from the same split
 (``--real-train``, default ``train``: 10 000 + 1000 real images do not fit in the test split).
 
     python benchmarks/sample_size.py --sizes 1000,5000,10000 --work /tmp/curve \
         --out benchmarks/results/demo/sample_size.json
+    python benchmarks/sample_size.py --sizes 1000 --seeds 1,2 --work /tmp/curve \
+        --out benchmarks/results/demo/sample_size.json
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -43,6 +49,20 @@ def per_g(pairs: list, fnr: float = 0.005) -> dict:
                 for g, c in gs.items()} for m, gs in out.items()}
 
 
+def spread(runs: list) -> dict:
+    """``{n_train: {method: {"accuracy": [mean, std], "auc": [mean, std], "seeds": [...]}}}``
+    for each size run with more than one seed (std with ddof 1)."""
+    out: dict = {}
+    for n in sorted({r["n_train"] for r in runs}):
+        same = [r for r in runs if r["n_train"] == n]
+        if len(same) < 2:
+            continue
+        out[str(n)] = {m: {**{k: [float(np.mean(v)), float(np.std(v, ddof=1))] for k, v in (
+            (k, [r["methods"][m][k] for r in same]) for k in ("accuracy", "auc"))},
+            "seeds": [r.get("seed", 0) for r in same]} for m in same[0]["methods"]}
+    return out
+
+
 def device_name() -> str:
     dev = jax.devices()[0]
     if dev.platform == "cpu":
@@ -57,31 +77,38 @@ def main(argv=None) -> int:
     p.add_argument("--widths", choices=("demo", "paper"), default="demo",
                    help="DeepSAD widths: the demo's (default) or the authors' (App. G)")
     p.add_argument("--real-train", choices=REAL_TRAIN_SPLITS, default="train")
-    p.add_argument("--work", required=True, help="folder for one demo run per size")
+    p.add_argument("--seeds", default="0", help="comma-separated run seeds (default 0)")
+    p.add_argument("--work", required=True, help="folder for one demo run per size and seed")
     p.add_argument("--out", required=True, help="JSON file, rewritten after each size")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     # SM-Inv₂ is left out of the curve: at these sizes it costs far more than the rest
     base = (PAPER if args.widths == "paper" else FULL)._replace(
         n_val=args.n_eval, n_test=args.n_eval, real_train=args.real_train, sminv_n_test=0)
+    todo = [(n, seed) for n in sizes for seed in seeds]
     runs = []
-    for n in sizes:
-        settings = base._replace(n_train=n)
-        folder = Path(args.work) / f"n{n}"
+    if Path(args.out).exists():  # keep the other sizes and seeds recorded there
+        runs = [r for r in json.loads(Path(args.out).read_text())["runs"]
+                if (r["n_train"], r.get("seed", 0)) not in todo]
+    for n, seed in todo:
+        settings = base._replace(n_train=n, seed=seed)
+        folder = Path(args.work) / (f"n{n}" if seed == 0 else f"n{n}_seed{seed}")
         command = (f"flipad demo --n-train {n} --n-val {args.n_eval} --n-test {args.n_eval} "
-                   f"--real-train {args.real_train}"
+                   f"--real-train {args.real_train}" + (f" --seed {seed}" if seed else "")
                    + (" --paper-scale" if args.widths == "paper" else "") + f" --out {folder}")
         print(f"[{time.strftime('%H:%M:%S')}] {command}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         # overwrite=False: a rerun with the same settings reuses the finished stages
         results = run_demo(folder, settings=settings, progress=False)
-        runs.append({"n_train": n, "methods": results["methods"],
+        runs.append({"n_train": n, "seed": seed, "methods": results["methods"],
                      "per_g": per_g(results["pairs"]), "table2": results["table2"]["methods"],
                      "wall_s": round(time.perf_counter() - start, 1),
                      "stage_s": results["timings_s"], "peak_rss_mib": results["peak_rss_mib"],
                      "settings": results["settings"], "device": device_name(),
                      "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "command": command})
-        report.write_json(args.out, {"runs": runs, "paper_table12": {
+        runs.sort(key=lambda r: (r["n_train"], r.get("seed", 0)))
+        report.write_json(args.out, {"runs": runs, "spread": spread(runs), "paper_table12": {
             str(k): v for k, v in PAPER_TABLE12.items()},
             "script": "python benchmarks/sample_size.py " + " ".join(argv or sys.argv[1:])})
         flipad = results["methods"]["flipad"]

@@ -65,6 +65,13 @@ REAL_TRAIN_SPLITS = ("test", "train")
 SAMPLE_SEEDS = {"train": 1, "val": 2, "test": 3}
 
 
+def sample_seed(split: str, run_seed: int) -> int:
+    """The latent seed of G's ``split`` samples in a demo run with ``seed=run_seed``: run seed 0
+    keeps :data:`SAMPLE_SEEDS`; another run seed draws other latents (and, through the
+    settings, other real images and DeepSAD initialisations and batches)."""
+    return SAMPLE_SEEDS[split] + 1000 * run_seed
+
+
 class DemoSettings(NamedTuple):
     """Sizes and training settings of one demo run (JSON-able; saved in ``OUT/work``)."""
 
@@ -135,6 +142,7 @@ def check_settings(settings: DemoSettings) -> DemoSettings:
                  "rep_dim"):
         check_int(name, getattr(settings, name))
     check_int("n_val", settings.n_val)
+    check_int("seed", settings.seed, minimum=0)
     fnr = min(DEFAULT_FNRS)
     need = min_validation_samples(fnr)
     if settings.n_val < need:
@@ -266,7 +274,8 @@ def _bundles(weights: Path, work: Path, settings: DemoSettings, names, progress:
     return heads
 
 
-def _samples(weights: Path, work: Path, name: str, split: str, n: int, output_range) -> np.ndarray:
+def _samples(weights: Path, work: Path, name: str, split: str, n: int, output_range,
+             seed: int) -> np.ndarray:
     from converters.demo_gans import GEN_OPTIONS, arch_of
     from converters.sampling import sample
     from flipad_jax.images import load_images
@@ -275,7 +284,7 @@ def _samples(weights: Path, work: Path, name: str, split: str, n: int, output_ra
     if not folder.exists():
         sample(weights / f"{name}.safetensors", n, folder, arch=arch_of(name),
                arch_options=GEN_OPTIONS,
-               seed=SAMPLE_SEEDS[split], progress=False)
+               seed=sample_seed(split, seed), progress=False)
     return load_images(folder, output_range)
 
 
@@ -384,7 +393,8 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
     images = {REAL: real}
     for name in tqdm(names, desc="sample (PNG)", disable=not progress):
         splits = ("test",) if name in TWINS.values() else ("train", "val", "test")
-        images[name] = {s: _samples(weights, work, name, s, sizes[s], out_range) for s in splits}
+        images[name] = {s: _samples(weights, work, name, s, sizes[s], out_range, settings.seed)
+                        for s in splits}
     _stage(timings, "sample", t)
 
     table1, table2 = [], []
@@ -515,6 +525,10 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--real-train", choices=REAL_TRAIN_SPLITS,
                    help="split of the real training images (default: test, which no GAN saw; "
                         "train with --paper-scale)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="run seed (default 0): G's latents, the real images drawn and DeepSAD's "
+                        "initialisation and batches; repeat a run with other seeds for means "
+                        "and spreads")
     p.add_argument("--converged", action="store_true",
                    help=f"invert to a certified duality gap (tol {CONVERGED['tol']:g}, at most "
                         f"{CONVERGED['max_iter']} iterations) instead of the demo's "
@@ -538,6 +552,8 @@ def settings_from_args(args) -> DemoSettings:
         "n_train", "n_val", "n_test", *SMINV_FLAGS) if getattr(args, name) is not None}
     if args.real_train:
         changes["real_train"] = args.real_train
+    if args.seed is not None:
+        changes["seed"] = args.seed
     if args.converged:
         changes.update(CONVERGED)
     return settings._replace(**changes)
@@ -570,6 +586,7 @@ def _run_tabular(args, start: float) -> int:
         ("--paper-scale", args.paper_scale), ("--n-train", args.n_train),
         ("--n-val", args.n_val), ("--n-test", args.n_test), ("--real-train", args.real_train),
         ("--converged", args.converged), ("--retrain", args.retrain), ("--data", args.data),
+        ("--seed", args.seed is not None),
         ("--weights", args.weights),
         *((f"--{f.replace('_', '-')}", getattr(args, f) is not None) for f in SMINV_FLAGS))
         if value]

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from converters.demo import (FAMILIES, METHODS, PAPER, PAPER_WIDTHS, QUICK,  # noqa: E402
+from converters.demo import (FAMILIES, FULL, METHODS, PAPER, PAPER_WIDTHS, QUICK,  # noqa: E402
                              _real, add_demo_parser, run_demo, settings_from_args,
                              table6_markdown)
 from converters.demo_gans import (DEMO_MODELS, GEN_OPTIONS, RECORD_FILE, WEIGHTS_DIR,  # noqa: E402
@@ -203,6 +203,7 @@ def test_size_flags_override_the_preset():
         == QUICK._replace(sminv_steps=7, sminv_n_test=0)
     converged = settings_from_args(_parse("--quick", "--converged", "--real-train", "train"))
     assert (converged.tol, converged.real_train) == (1e-3, "train")
+    assert settings_from_args(_parse("--seed", "2")) == FULL._replace(seed=2)
     with pytest.raises(SystemExit):
         _parse("--quick", "--paper-scale")
 
@@ -219,6 +220,7 @@ def test_size_flags_override_the_preset():
     (dict(sminv_n_test=201), "sminv_n_test=201: expected at most n_test=200"),
     (dict(sminv_n_test=-1), "sminv_n_test=-1"),
     (dict(sminv_steps=0), "sminv_steps=0"),
+    (dict(seed=-1), "seed=-1"),
 ])
 @pytest.mark.skipif(not HAVE_DATA, reason="Debian's dataset-fashion-mnist is not installed")
 def test_bad_sizes_are_refused_before_anything_is_written(tmp_path, change, message):
