@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 import flipad_jax as fj
+from flipad_jax.lasso import _fista
+from loop_traffic import compiled_loop_bytes
 from reference_fista import layer_maps, reference_fista
 
 LAYERS = {
@@ -146,17 +148,12 @@ def iterations_to_reach(problem, o, target, lipschitz, cap):
     return hi
 
 
-def loop_bytes_per_iteration(problem, batch):
-    """Bytes our loop must move per iteration (float32), counted from its data flow.
-
-    Per iteration: the forward conv reads y and writes Ay, the residual Ay − r reads both and r
-    (3 output-space passes); the adjoint reads the residual and writes g; the fused update reads
-    y, g, δ and writes δ⁺, y⁺ (so y, g, δ, δ⁺, y⁺ plus the conv's read of y: 6 input-space
-    passes, plus g's write: 7).
-    """
-    n_in = batch * int(np.prod(problem["op"].in_shape))
-    n_out = batch * int(np.prod(problem["op"].out_shape))
-    return 4 * (7 * n_in + 4 * n_out)
+def loop_bytes_per_iteration(problem, o, lipschitz):
+    """Bytes our loop moves per iteration, read off its compiled while body
+    (``loop_traffic.py``: every data-moving instruction reads its operands and writes its
+    result once)."""
+    return compiled_loop_bytes(_fista, problem["op"], problem["zbar"], o,
+                               1.0 / (1.01 * lipschitz))["bytes"]
 
 
 def copy_bandwidth():
@@ -213,7 +210,7 @@ def bench_one(name, batch, device, ref_iters, problem=None):
                                   objective_mean=float(objective64(problem, paper_res.z).mean()),
                                   speedup_vs_reference=ref_s / paper_s)
     row["ours_default"]["speedup_vs_reference"] = ref_s / warm
-    nbytes = loop_bytes_per_iteration(problem, batch)
+    nbytes = loop_bytes_per_iteration(problem, o, lipschitz)
     row["per_iteration"] = dict(seconds=per_iter, bytes_moved=nbytes,
                                 achieved_bytes_per_s=nbytes / per_iter)
     return row

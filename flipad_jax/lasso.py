@@ -71,8 +71,12 @@ sample, rather than pass a wrong number for a right one. The certificates in the
 result are recomputed from the solution, so e.g. the objective's gradient is the total one.
 The step size does not change the minimiser and is not differentiated.
 
-Samples that stop are frozen (their state no longer changes) while the others go on; ``max_iter``
-bounds the loop. Every setting lives in :class:`LassoOptions`, whose defaults are ours (step 1/L,
+Samples that stop are frozen while the others go on: they take steps of size 0 without
+momentum, which leave their iterate exactly as it is (a non-finite one stays non-finite);
+``max_iter`` bounds the loop. An iteration's elementwise work is memory-bound on a CPU (at batch
+64 on the DCGAN head it took 2–3× the time of the forward + adjoint pair), so the loop keeps few
+full-size arrays: the iterate, its gradient and the last step of each (never the extrapolated
+point), and the gap is assembled from per-sample reductions. Every setting lives in :class:`LassoOptions`, whose defaults are ours (step 1/L,
 restarts, certified stop); ``LassoOptions.paper(op)`` is the reference solver: fixed step 0.025
 (0.001 for :class:`~flipad_jax.Linear`, its tabular setting), no restart, the ``"reference"`` stop
 rule with tol 1e-5 (1e-4 for :class:`~flipad_jax.Linear`), 10000 iterations, and the reference's
@@ -195,7 +199,8 @@ class LassoResult(NamedTuple):
     """Solution and per-sample diagnostics of :func:`solve_lasso`.
 
     Attributes:
-      z: ``(B, *in_shape)`` minimisers (the activations before the inverted layer).
+      z: ``(B, *in_shape)`` minimisers (the activations before the inverted layer); the iterate
+        a sample stopped at, so non-finite where its status is NONFINITE.
       iterations: ``(B,)`` int32, iterations each sample ran before it stopped.
       objective: ``(B,)`` P(z) = ½‖Az + b − o‖² + λ‖z − z̄‖₁.
       gap: ``(B,)`` duality gap, an upper bound on P(z) − min P.
@@ -223,8 +228,8 @@ class LassoResult(NamedTuple):
 class _State(NamedTuple):
     delta: jax.Array      # iterate δ (internal layout)
     grad: jax.Array       # ∇f(δ)
-    delta_prev: jax.Array  # the previous iterate and its gradient, for the extrapolation
-    grad_prev: jax.Array
+    delta_step: jax.Array  # δ − δ_prev and ∇f(δ) − ∇f(δ_prev), for the extrapolation
+    grad_step: jax.Array
     beta: jax.Array       # (B,) momentum weight of the next extrapolation
     t: jax.Array          # (B,) momentum parameter
     lam: jax.Array        # (B,) λ of the current stage (the target λ without continuation)
@@ -250,19 +255,27 @@ def _bcast(per_sample, like):
     return per_sample.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-def _certificates(delta, residual, grad, lam):
-    """Objective, duality gap and KKT residual at δ; residual = Aδ − r, grad = Aᵀ residual."""
-    lam_b = _bcast(lam, delta)
+def _objective_and_gap(delta, residual, grad, lam):
+    """Objective, duality gap and ‖∇f(δ)‖∞ at δ; residual = Aδ − r, grad = Aᵀ residual.
+
+    The gap ½(1 − α)²‖ρ‖² + Σⱼ (λ|δⱼ| + α δⱼ gⱼ) is summed as λ‖δ‖₁ + α⟨δ, g⟩ from per-sample
+    reductions, so the loop makes no full-size temporaries for it."""
     l1 = _per_sample_sum(jnp.abs(delta))
     rho_sq = _per_sample_sum(jnp.square(residual))
     objective = 0.5 * rho_sq + lam * l1
     grad_inf = _per_sample_max(jnp.abs(grad))
     alpha = jnp.where(grad_inf > lam, lam / jnp.maximum(grad_inf, jnp.finfo(grad.dtype).tiny), 1)
-    gap = 0.5 * jnp.square(1 - alpha) * rho_sq + \
-        _per_sample_sum(lam_b * jnp.abs(delta) + _bcast(alpha, delta) * delta * grad)
+    gap = 0.5 * jnp.square(1 - alpha) * rho_sq + lam * l1 + alpha * _per_sample_sum(delta * grad)
+    return objective, jnp.maximum(gap, 0), grad_inf
+
+
+def _certificates(delta, residual, grad, lam):
+    """Objective, duality gap and KKT residual at δ; residual = Aδ − r, grad = Aᵀ residual."""
+    objective, gap, _ = _objective_and_gap(delta, residual, grad, lam)
+    lam_b = _bcast(lam, delta)
     kkt_coord = jnp.where(delta != 0, jnp.abs(grad + lam_b * jnp.sign(delta)),
                           jnp.maximum(jnp.abs(grad) - lam_b, 0))
-    return objective, jnp.maximum(gap, 0), _per_sample_max(kkt_coord)
+    return objective, gap, _per_sample_max(kkt_coord)
 
 
 @functools.partial(jax.jit, static_argnames=("restart", "stop", "continuation"))
@@ -288,25 +301,31 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
         return (s.k < max_iter) & jnp.any(s.active)
 
     def body(s):
-        beta = _bcast(s.beta, s.delta)
-        y = s.delta + beta * (s.delta - s.delta_prev)
-        grad_y = s.grad + beta * (s.grad - s.grad_prev)  # ∇f is affine: no operator call
-        delta = _soft_threshold(y - step * grad_y, _bcast(s.lam * step, y))
+        # A sample that has stopped takes steps of size 0 without momentum, which leave its
+        # iterate and gradient exactly as they are: no per-sample select over the full arrays.
+        step_b = _bcast(jnp.where(s.active, step, 0), s.delta)
+        beta = _bcast(jnp.where(s.active, s.beta, 0), s.delta)
+        y = s.delta + beta * s.delta_step
+        grad_y = s.grad + beta * s.grad_step  # ∇f is affine: no operator call
+        delta = _soft_threshold(y - step_b * grad_y, _bcast(s.lam, y) * step_b)
         residual, grad = residual_and_grad(delta)
+        delta_step = delta - s.delta
 
         t_next = (1 + jnp.sqrt(1 + 4 * s.t * s.t)) / 2
         beta_next = (s.t - 1) / t_next
         if restart:
-            uphill = _per_sample_sum((y - delta) * (delta - s.delta)) > 0
+            # ⟨y − δ⁺, δ⁺ − δ⟩ with y − δ = β(δ − δ_prev): y itself is never stored
+            uphill = _per_sample_sum((beta * s.delta_step - delta_step) * delta_step) > 0
             t_next = jnp.where(uphill, 1, t_next)
             beta_next = jnp.where(uphill, 0, beta_next)
 
         stage_lam = s.lam
         if stop == "gap":
-            objective, gap, kkt = _certificates(delta, residual, grad, s.lam)
+            objective, gap, grad_inf = _objective_and_gap(delta, residual, grad, s.lam)
+            # At λ ≈ 0 the KKT residual is ‖∇f‖∞ to within λ, below rounding here.
             negligible_lam = lam <= jnp.finfo(dtype).eps * grad_scale
             done = (gap <= tol * objective + rounding) | \
-                (negligible_lam & (kkt <= tol * grad_scale))
+                (negligible_lam & (grad_inf <= tol * grad_scale))
             if continuation is not None:
                 on_path = s.lam > lam
                 next_stage = on_path & (gap <= _STAGE_TOL * objective + rounding)
@@ -316,22 +335,21 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
                 done = done & ~on_path
             nonfinite = ~jnp.isfinite(objective)
         else:
-            change = _per_sample_sum(jnp.abs(delta - s.delta)) / math.prod(op.in_shape)
+            change = _per_sample_sum(jnp.abs(delta_step)) / math.prod(op.in_shape)
             done = change <= tol
             if stop == "reference":
                 done = jnp.broadcast_to(jnp.max(change) <= tol, done.shape)
             nonfinite = ~jnp.isfinite(change)
         status = jnp.where(nonfinite, Status.NONFINITE,
                            jnp.where(done, Status.CONVERGED, s.status))
-        # A sample that stops keeps the iterate that met the rule; a non-finite step is not kept.
-        step_taken = s.active & ~nonfinite
-        keep = _bcast(step_taken, delta)
-        return _State(delta=jnp.where(keep, delta, s.delta), grad=jnp.where(keep, grad, s.grad),
-                      delta_prev=jnp.where(keep, s.delta, s.delta_prev),
-                      grad_prev=jnp.where(keep, s.grad, s.grad_prev),
-                      beta=jnp.where(step_taken, beta_next, s.beta),
-                      t=jnp.where(step_taken, t_next, s.t),
-                      lam=jnp.where(step_taken, stage_lam, s.lam),
+        # Steps, not previous iterates, are carried: every array of the new state is freshly
+        # computed, so XLA need not copy buffers to rotate them (12 fewer passes over δ's size
+        # per iteration on XLA:CPU, benchmarks/README.md).
+        return _State(delta=delta, grad=grad, delta_step=delta_step,
+                      grad_step=grad - s.grad,
+                      beta=jnp.where(s.active, beta_next, s.beta),
+                      t=jnp.where(s.active, t_next, s.t),
+                      lam=jnp.where(s.active, stage_lam, s.lam),
                       active=s.active & ~done & ~nonfinite,
                       iterations=s.iterations + s.active.astype(jnp.int32),
                       status=jnp.where(s.active, status, s.status), k=s.k + 1)
@@ -339,7 +357,8 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
     grad0 = residual_and_grad(delta0)[1]
     # ‖Aᵀr‖∞ is the λ above which δ = 0 is optimal; the path starts at half of it.
     lam0 = lam if continuation is None else jnp.maximum(lam, grad_scale / 2)
-    state = _State(delta=delta0, grad=grad0, delta_prev=delta0, grad_prev=grad0,
+    state = _State(delta=delta0, grad=grad0, delta_step=jnp.zeros_like(delta0),
+                   grad_step=jnp.zeros_like(grad0),
                    beta=jnp.zeros((batch,), dtype), t=jnp.ones((batch,), dtype), lam=lam0,
                    active=jnp.ones((batch,), bool), iterations=jnp.zeros((batch,), jnp.int32),
                    status=jnp.full((batch,), Status.MAX_ITER, jnp.int32), k=jnp.zeros((), jnp.int32))
