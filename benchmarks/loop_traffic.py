@@ -64,17 +64,19 @@ def loop_body_bytes(hlo: str) -> dict:
         raise ValueError("no while loop in the compiled program")
     start = hlo.index(f"\n{loop.group(1)} ") + 1
     body = hlo[start:hlo.index("\n}\n", start)].split("\n")[1:]
-    shapes = {}
+    shapes, operands = {}, {}
     for line in body:
         name, _, rest = line.strip().partition(" = ")
-        shapes[name] = _nbytes(rest.split("(", 1)[0].rsplit(" ", 1)[0] if "(" in rest else rest)
-    moved = passes = 0
-    for line in body:
-        name, _, rest = line.strip().partition(" = ")
-        if not any(m in rest for m in _MOVES):
+        # "<result type, a tuple for multi-output fusions> <opcode>(<operands>), <attributes>"
+        head = re.match(r"(.*?)\s*\b([a-z][\w\-]*)\((.*?)\)(,|$)", rest)
+        if head is None:
             continue
-        operands = re.findall(r"%[\w.\-]+", rest.split("(", 1)[1].split("), ")[0])
-        moved += shapes.get(name, 0) + sum(shapes.get(o, 0) for o in operands)
+        shapes[name] = _nbytes(head.group(1))
+        if head.group(2) + "(" in _MOVES:
+            operands[name] = re.findall(r"%[\w.\-]+", head.group(3))
+    moved = passes = 0
+    for name, used in operands.items():
+        moved += shapes.get(name, 0) + sum(shapes.get(o, 0) for o in used)
         passes += 1
     return dict(bytes=moved, passes=passes)
 

@@ -10,11 +10,12 @@ Runs the demo once per training size (n_val = n_test fixed), each into its own f
      "paper_table12": {…}}
 
 Accuracies are fractions at fnr 0.005, means over the 16 (G, G′) pairs of Table 1; ``per_g``
-averages over each G's four G′. ``--seeds`` repeats each size with other run seeds (``flipad demo
---seed``: G's latents, the real images drawn, DeepSAD's initialisation and batches); runs of
-``--out`` at other (size, seed) pairs are kept, and ``"spread"`` gives, per size run with more
-than one seed, each method's mean and standard deviation (ddof 1) over its seeds. Every size draws its real training images from the same split
+averages over each G's four G′. Every size draws its real training images from the same split
 (``--real-train``, default ``train``: 10 000 + 1000 real images do not fit in the test split).
+``--seeds`` repeats each size with other run seeds (``flipad demo --seed``: G's latents, the real
+images drawn, DeepSAD's initialisation and batches); runs of ``--out`` at other (size, seed)
+pairs are kept, and ``"spread"`` gives, for each group of runs whose settings differ only in the
+seed, each method's mean and standard deviation (ddof 1).
 
     python benchmarks/sample_size.py --sizes 1000,5000,10000 --work /tmp/curve \
         --out benchmarks/results/demo/sample_size.json
@@ -49,17 +50,23 @@ def per_g(pairs: list, fnr: float = 0.005) -> dict:
                 for g, c in gs.items()} for m, gs in out.items()}
 
 
-def spread(runs: list) -> dict:
-    """``{n_train: {method: {"accuracy": [mean, std], "auc": [mean, std], "seeds": [...]}}}``
-    for each size run with more than one seed (std with ddof 1)."""
-    out: dict = {}
-    for n in sorted({r["n_train"] for r in runs}):
-        same = [r for r in runs if r["n_train"] == n]
+def spread(runs: list) -> list:
+    """Per group of runs whose settings differ only in the seed, when it has more than one:
+    ``{"n_train", "settings", "seeds", "methods": {method: {"accuracy": [mean, std], "auc":
+    [mean, std]}}}`` (std with ddof 1)."""
+    groups: dict = {}
+    for r in runs:
+        rest = {k: v for k, v in r["settings"].items() if k != "seed"}
+        groups.setdefault(json.dumps(rest, sort_keys=True), []).append(r)
+    out = []
+    for rest, same in groups.items():
         if len(same) < 2:
             continue
-        out[str(n)] = {m: {**{k: [float(np.mean(v)), float(np.std(v, ddof=1))] for k, v in (
-            (k, [r["methods"][m][k] for r in same]) for k in ("accuracy", "auc"))},
-            "seeds": [r.get("seed", 0) for r in same]} for m in same[0]["methods"]}
+        out.append({"n_train": same[0]["n_train"], "settings": json.loads(rest),
+                    "seeds": [r["settings"]["seed"] for r in same],
+                    "methods": {m: {k: [float(np.mean(v)), float(np.std(v, ddof=1))] for k, v in (
+                        (k, [r["methods"][m][k] for r in same]) for k in ("accuracy", "auc"))}
+                        for m in same[0]["methods"]}})
     return out
 
 

@@ -146,7 +146,8 @@ def _block_diagonal_batching(conv, layout, groups):
     convolution with the M kernels on the diagonal of a dense (M·C_in, M·C_out) kernel, the M
     inputs side by side along the channels. XLA lowers the default batching rule to a grouped
     convolution, which XLA:CPU runs far slower than the dense one despite its M× fewer
-    multiply-adds (``benchmarks/attribute.py``). Not reverse-differentiable (``custom_vmap``)."""
+    multiply-adds (``benchmarks/attribute.py``). A sample with a non-finite input value comes out
+    all NaN (comment below). Not reverse-differentiable (``custom_vmap``: ``jax.grad`` fails)."""
     @jax.custom_batching.custom_vmap
     def one(x, kernel):
         return conv(x, kernel, feature_group_count=groups)
@@ -154,17 +155,24 @@ def _block_diagonal_batching(conv, layout, groups):
     @one.def_vmap
     def stacked(m, in_batched, x, kernel):
         x_batched, kernel_batched = in_batched
-        if not kernel_batched:  # one kernel: the stacked inputs are a longer batch
-            x = x if x_batched else x[None]
+        if not kernel_batched:  # one kernel (so x is the batched one): a longer batch
             out = one(x.reshape((-1,) + x.shape[2:]), kernel)
             return out.reshape(x.shape[:2] + out.shape[1:]), True
         x = x if x_batched else jnp.broadcast_to(x, (m,) + x.shape)
+        # The zero blocks multiply the other models' inputs, and 0 · NaN would carry one model's
+        # non-finite values into every model's output: they enter the product as 0, and the
+        # samples they belong to come out all NaN, for that model only.
+        finite = jnp.isfinite(x)
+        bad = ~jnp.all(finite, axis=tuple(range(2, x.ndim)), keepdims=True)  # (M, B, 1, 1, 1)
+        x = jnp.where(finite, x, 0)
         kernel = _block_diagonal_kernel(kernel, groups, layout)
         if layout == "NHWC":  # (M, B, H, W, C) → (B, H, W, M·C): model m's channels are block m
             out = conv(jnp.moveaxis(x, 0, -2).reshape(x.shape[1:-1] + (-1,)), kernel)
-            return jnp.moveaxis(out.reshape(out.shape[:-1] + (m, -1)), -2, 0), True
-        out = conv(jnp.moveaxis(x, 0, 1).reshape((x.shape[1], -1) + x.shape[3:]), kernel)
-        return jnp.moveaxis(out.reshape((out.shape[0], m, -1) + out.shape[2:]), 1, 0), True
+            out = jnp.moveaxis(out.reshape(out.shape[:-1] + (m, -1)), -2, 0)
+        else:
+            out = conv(jnp.moveaxis(x, 0, 1).reshape((x.shape[1], -1) + x.shape[3:]), kernel)
+            out = jnp.moveaxis(out.reshape((out.shape[0], m, -1) + out.shape[2:]), 1, 0)
+        return jnp.where(bad, jnp.nan, out), True
 
     return one
 

@@ -144,6 +144,15 @@ def test_block_diagonal_kernel_batching_equals_each_operator(x64, data):
         own_out, own_back = BOTH_MAPS(op, z[m], y[m])
         np.testing.assert_allclose(out[m], own_out, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(back[m], own_back, rtol=1e-12, atol=1e-12)
+    # a non-finite input of model 0's first sample stays there (its output is all NaN) and does
+    # not leak through the zero blocks into the other models' outputs
+    z_bad = z.copy()
+    z_bad[0, 0].flat[0] = np.nan
+    out_bad, _ = jax.vmap(lambda ls, z, y: BOTH_MAPS(treedef.unflatten(ls), z, y))(
+        leaves, jnp.asarray(z_bad), jnp.asarray(y))
+    assert np.all(np.isnan(out_bad[0, 0]))
+    np.testing.assert_allclose(out_bad[0, 1:], out[0, 1:], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out_bad[1:], out[1:], rtol=1e-12, atol=1e-12)
     # one operator, stacked inputs: the model axis is more batch
     shared_out, shared_back = jax.vmap(BOTH_MAPS, in_axes=(None, 0, 0))(ops[0], z, y)
     np.testing.assert_allclose(shared_out[1], BOTH_MAPS(ops[0], z[1], y[1])[0], rtol=1e-12,
