@@ -54,6 +54,8 @@ class DemoModel(NamedTuple):
     arch: str
     seed: int
     epochs: int
+    init: str = "dcgan"  # build_generator's init
+    betas: tuple = None  # Adam's (β1, β2); None: the family's (_Trainer)
 
 
 # Each model has a seed of its own, as independent training runs have: DCGAN, WGAN-GP and EBGAN
@@ -67,6 +69,10 @@ DEMO_MODELS = (
     DemoModel("ebgan", "ebgan", 3, 3),
     DemoModel("dcgan_seed1", "dcgan", 1, 3),
 )
+# The authors' train_wgangp.py keeps PyTorch's default initialisation and uses Adam (0.5, 0.999);
+# the shipped WGAN-GP has the DCGAN init and the WGAN-GP paper's (0, 0.9). --authors-wgangp
+# trains this one in its place, to measure what the difference does to attribution.
+AUTHORS_WGANGP = DemoModel("wgangp", "wgangp", 2, 6, init="torch", betas=(0.5, 0.999))
 WEIGHTS_DIR = Path(__file__).parent / "demo_weights"
 RECORD_FILE = "training.json"
 
@@ -142,13 +148,15 @@ def _adam(params, betas=(0.5, 0.999)):
 class _Trainer:
     """One GAN family: ``step(real)`` updates D (and G when due) and returns (d_loss, g_loss)."""
 
-    def __init__(self, arch: str, gen: nn.Module, batch: int, disc: nn.Module = None):
+    def __init__(self, arch: str, gen: nn.Module, batch: int, disc: nn.Module = None,
+                 betas: tuple = None):
         self.arch, self.gen, self.batch, self.count = arch, gen, batch, 0
         # ``disc``: another discriminator for the same loss (the paper-size DCGAN's, 64×64×3).
         self.disc = disc if disc is not None else {
             "dcgan": dcgan_discriminator, "wgangp": wgan_critic,
             "lsgan": lsgan_discriminator, "ebgan": EBGANDiscriminator}[arch]()
-        betas = (0.0, 0.9) if arch == "wgangp" else (0.5, 0.999)
+        betas = betas or ((0.0, 0.9) if arch == "wgangp" else (0.5, 0.999))
+        self.betas = betas
         self.opt_g, self.opt_d = _adam(gen.parameters(), betas), _adam(self.disc.parameters(),
                                                                        betas)
         self.margin = max(1.0, batch / 64.0)
@@ -209,8 +217,8 @@ def train_generator(model: DemoModel, images: np.ndarray, *, epochs=None, batch:
     if len(images) < batch:
         raise ValueError(f"images: {len(images)} of them, expected at least batch={batch}")
     torch.manual_seed(model.seed)
-    gen = build_generator(model.arch, options=GEN_OPTIONS, seed=model.seed)
-    trainer = _Trainer(model.arch, gen, batch)
+    gen = build_generator(model.arch, options=GEN_OPTIONS, seed=model.seed, init=model.init)
+    trainer = _Trainer(model.arch, gen, batch, betas=model.betas)
     data = torch.from_numpy(images).float().div_(127.5).sub_(1.0)
     losses, start = [], time.perf_counter()
     for epoch in range(epochs):
@@ -228,7 +236,8 @@ def train_generator(model: DemoModel, images: np.ndarray, *, epochs=None, batch:
             raise FloatingPointError(f"{model.name}: GAN training diverged at epoch {epoch + 1}")
     gen.eval()
     record = {"arch": model.arch, "seed": model.seed, "epochs": epochs, "batch_size": batch,
-              "options": GEN_OPTIONS, "losses": losses,
+              "init": model.init, "adam_betas": list(trainer.betas), "options": GEN_OPTIONS,
+              "losses": losses,
               "seconds": round(time.perf_counter() - start, 1)}
     return gen, record
 
@@ -278,9 +287,13 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, help="override every model's epochs")
     p.add_argument("--only", nargs="+", choices=[m.name for m in DEMO_MODELS],
                    help="retrain only these models; the others in --out are kept")
+    p.add_argument("--authors-wgangp", action="store_true",
+                   help="train WGAN-GP as the authors' train_wgangp.py does (PyTorch's default "
+                        "init, Adam betas 0.5, 0.999) instead of the shipped recipe")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    models = [m for m in DEMO_MODELS if not args.only or m.name in args.only]
+    models = [AUTHORS_WGANGP if args.authors_wgangp and m.name == "wgangp" else m
+              for m in DEMO_MODELS if not args.only or m.name in args.only]
     command = "python -m converters.demo_gans " + " ".join(argv if argv is not None
                                                           else sys.argv[1:])
     train_demo_generators(args.out, data=args.data, models=models, epochs=args.epochs,

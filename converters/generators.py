@@ -195,7 +195,7 @@ def _dcgan_init(module: nn.Module) -> None:
 
 
 def build_generator(arch: str, *, size: str = "paper", options: Optional[dict] = None,
-                    seed: Optional[int] = None) -> nn.Module:
+                    seed: Optional[int] = None, init: str = "dcgan") -> nn.Module:
     """A fresh generator of a registered architecture.
 
     Args:
@@ -204,9 +204,13 @@ def build_generator(arch: str, *, size: str = "paper", options: Optional[dict] =
       options: constructor keyword arguments overriding the preset, e.g.
         ``{"nc": 1, "image_size": 32}`` for the Fashion-MNIST demo.
       seed: if given, the weights are drawn under this seed (the global RNG state is restored
-        afterwards): PyTorch's default init, then the reference's DCGAN init for the GAN
-        families (all but klwgan and sd_vae_last).
+        afterwards): PyTorch's default init, then, with ``init="dcgan"``, the reference's DCGAN
+        init for the GAN families (all but klwgan and sd_vae_last).
+      init: "dcgan" (default) or "torch": PyTorch's default init only, as the authors'
+        ``train_wgangp.py`` leaves its generator.
     """
+    if init not in ("dcgan", "torch"):
+        raise ValueError(f"init={init!r}: expected 'dcgan' or 'torch'")
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: expected one of {sorted(ARCHS)}")
     if size not in ("paper", "small"):
@@ -220,6 +224,6 @@ def build_generator(arch: str, *, size: str = "paper", options: Optional[dict] =
             model = spec.cls(**kwargs)
         except TypeError as e:
             raise ValueError(f"options={options!r} for arch={arch!r}: {e}") from None
-        if seed is not None and arch not in ("klwgan", "sd_vae_last"):
+        if seed is not None and init == "dcgan" and arch not in ("klwgan", "sd_vae_last"):
             _dcgan_init(model)
     return model

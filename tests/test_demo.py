@@ -53,9 +53,12 @@ def test_every_family_trains_its_generator(arch):
 def test_training_writes_loadable_weights_and_a_record(tmp_path):
     _fake_fashion(tmp_path / "fm", n=32)
     out = train_demo_generators(tmp_path / "w", data=tmp_path / "fm", batch=16, progress=False,
-                                models=(DemoModel("tiny", "lsgan", 3, 1),))
+                                models=(DemoModel("tiny", "lsgan", 3, 1, init="torch",
+                                                  betas=(0.5, 0.999)),))
     record = json.loads((out / RECORD_FILE).read_text())
     assert record["models"]["tiny"]["seed"] == 3 and record["models"]["tiny"]["epochs"] == 1
+    assert record["models"]["tiny"]["init"] == "torch"
+    assert record["models"]["tiny"]["adam_betas"] == [0.5, 0.999]
     assert len(record["models"]["tiny"]["losses"]) == 1
     source = load_generator(out / "tiny.safetensors", arch="lsgan", arch_options=GEN_OPTIONS)
     assert source.model.latent_shape == (100,)
@@ -79,6 +82,25 @@ def test_shipped_weights_are_trained_and_recorded():
         assert variances and not any(torch.allclose(v, torch.ones_like(v)) for v in variances)
     twins = [m for m in DEMO_MODELS if m.arch == "dcgan"]
     assert len({m.seed for m in twins}) == 2  # Table 2: the same architecture, another seed
+
+
+def test_torch_init_keeps_pytorchs_defaults_and_dcgan_init_redraws_them():
+    """init="torch" (the authors' WGAN-GP) leaves PyTorch's BatchNorm γ = 1, β = 0 and its
+    uniform conv init; init="dcgan" draws γ ~ N(1, 0.02) and conv weights ~ N(0, 0.02)."""
+    torch_init = build_generator("wgangp", options=GEN_OPTIONS, seed=2, init="torch")
+    dcgan_init = build_generator("wgangp", options=GEN_OPTIONS, seed=2)
+    bn = [m for m in torch_init.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bn)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in bn)
+    bn = [m for m in dcgan_init.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not any(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bn)
+    last = [m for m in torch_init.modules() if isinstance(m, torch.nn.ConvTranspose2d)][-1]
+    fan_in = last.weight.shape[1] * last.weight[0, 0].numel()  # PyTorch's for ConvTranspose
+    assert float(last.weight.abs().max()) <= 1 / np.sqrt(fan_in) + 1e-7  # kaiming_uniform(√5)
+    last = [m for m in dcgan_init.modules() if isinstance(m, torch.nn.ConvTranspose2d)][-1]
+    assert float(last.weight.std()) == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ValueError, match="init='xavier'"):
+        build_generator("wgangp", options=GEN_OPTIONS, seed=2, init="xavier")
 
 
 def test_generators_of_one_architecture_never_share_initial_weights():
