@@ -108,19 +108,20 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         # overwrite=False: a rerun with the same settings reuses the finished stages
         results = run_demo(folder, settings=settings, progress=False)
-        runs.append({"n_train": n, "seed": seed, "methods": results["methods"],
-                     "per_g": per_g(results["pairs"]), "table2": results["table2"]["methods"],
-                     "wall_s": round(time.perf_counter() - start, 1),
-                     "stage_s": results["timings_s"], "peak_rss_mib": results["peak_rss_mib"],
-                     "settings": results["settings"], "device": device_name(),
-                     "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "command": command})
+        run = {"n_train": n, "seed": seed, "methods": results["methods"],
+               "per_g": per_g(results["pairs"]), "table2": results["table2"]["methods"],
+               "wall_s": round(time.perf_counter() - start, 1),
+               "stage_s": results["timings_s"], "peak_rss_mib": results["peak_rss_mib"],
+               "settings": results["settings"], "device": device_name(),
+               "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "command": command}
+        runs.append(run)
         runs.sort(key=lambda r: (r["n_train"], r.get("seed", 0)))
         report.write_json(args.out, {"runs": runs, "spread": spread(runs), "paper_table12": {
             str(k): v for k, v in PAPER_TABLE12.items()},
             "script": "python benchmarks/sample_size.py " + " ".join(argv or sys.argv[1:])})
         flipad = results["methods"]["flipad"]
         print(f"  n={n}: FLIPAD accuracy {flipad['accuracy']:.4f}, AUC {flipad['auc']:.4f}, "
-              f"{runs[-1]['wall_s']} s", file=sys.stderr, flush=True)
+              f"{run['wall_s']} s", file=sys.stderr, flush=True)
     return 0
 
 
