@@ -56,7 +56,9 @@ def spread(runs: list) -> list:
     [mean, std]}}}`` (std with ddof 1)."""
     groups: dict = {}
     for r in runs:
-        rest = {k: v for k, v in r["settings"].items() if k != "seed"}
+        # SM-Inv₂'s fields are not settings of a run that did not run it (older runs omit them)
+        rest = {k: v for k, v in r["settings"].items() if k != "seed" and not (
+            k.startswith("sminv_") and not r["settings"].get("sminv_n_test"))}
         groups.setdefault(json.dumps(rest, sort_keys=True), []).append(r)
     out = []
     for rest, same in groups.items():
