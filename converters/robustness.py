@@ -116,7 +116,8 @@ def _clean_sets(weights: Path, work: Path, settings: DemoSettings, data) -> dict
     sizes = {"train": settings.n_train, "val": settings.n_val, "test": settings.n_test}
     sets = {REAL: {split: _pixels(x) for split, x in _real(settings, data).items()}}
     for g in FAMILIES:
-        sets[g] = {split: _pixels(_samples(weights, work, g, split, n, PIXEL_RANGE))
+        sets[g] = {split: _pixels(_samples(weights, work, g, split, n, PIXEL_RANGE,
+                                           settings.seed))
                    for split, n in sizes.items()}
     return sets
 
