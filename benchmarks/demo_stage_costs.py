@@ -65,7 +65,7 @@ def main():
     demo = LassoOptions(tol=FULL.tol, max_iter=FULL.max_iter)
     inversion, iterations = {}, {}
     for g, head in heads.items():
-        images = _samples(WEIGHTS_DIR, work, g, "val", args.n_invert, head.output_range)
+        images = _samples(WEIGHTS_DIR, work, g, "val", args.n_invert, head.output_range, 0)
         images = images[:args.n_invert]
         inversion_seconds(head, images, demo)  # compiles
         demo_s, _ = inversion_seconds(head, images, demo)

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     for name in heads:
         splits = ("train", "val", "test") if name == args.g else ("test",)
         images[name] = {s: _samples(WEIGHTS_DIR, work, name, s, sizes[s],
-                                    heads[args.g].output_range) for s in splits}
+                                    heads[args.g].output_range, base.seed) for s in splits}
     if max(heads[args.g].in_shape[-2:]) <= base.pool_to and "pool_none" in names:
         print(f"pool_none skipped: {args.g}'s activations {heads[args.g].in_shape} are no "
               f"larger than pool_to={base.pool_to}, so pooling is the identity", file=sys.stderr)
