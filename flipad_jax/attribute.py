@@ -25,10 +25,10 @@ the model axis of their stacked operator leaves; λ, step, tolerance, max_iter a
 per model. Per-sample freezing makes each model's result what its own solve gives (to float
 rounding: the batched convolution sums in another order; a certified stop that falls within
 that rounding of its bound may then come one iteration apart). JAX's vmap of a convolution
-whose kernel is batched is a grouped convolution, which XLA:CPU runs 10–18× slower than the
+whose kernel is batched is a grouped convolution, which XLA:CPU runs 7–18× slower than the
 ungrouped ones a loop runs; the stacked operators therefore convolve with
 ``kernel_batching="block_diagonal"`` (one dense convolution over the models' stacked channels,
-the same products). Even so, on the 2-core CPU the stacked solve measured 0.75–1.07× the loop's speed on the
+the same products). Even so, on the 2-core CPU the stacked solve measured 0.75–1.21× the loop's speed on the
 demo's four same-geometry heads (``benchmarks/attribute.py``): the solver's elementwise work
 dominates an iteration and stacking does not reduce it. Stacking is therefore off by default on
 the CPU backend and on elsewhere (``stack=None``), where it has not been measured yet.
