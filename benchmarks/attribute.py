@@ -15,10 +15,10 @@ Per batch size, warm (every compiled shape run once first), repeated side by sid
 
 Reports medians, the ratio loop / stacked (> 1: stacking is faster), and the largest difference
 between the two paths' solutions. Then a probe of where the time goes: one forward + adjoint
-pair of the four same-geometry operators per batch size, as a loop, vmapped (XLA lowers the
-batched kernel to a grouped convolution) and as one block-diagonal dense ConvTranspose2d
-(models stacked along the channels: no grouping, M× the multiply-adds), each the mean of 30
-warm calls.
+pair of the four same-geometry operators per batch size, as a loop, vmapped with JAX's rule (a
+grouped convolution) and vmapped with ``kernel_batching="block_diagonal"`` as the stacked solve
+runs it (models stacked along the channels: no grouping, M× the multiply-adds), each the mean
+of 30 warm calls.
 
     python benchmarks/attribute.py --batches 8,64 --out benchmarks/results/attribute_cpu.json
 """
@@ -89,21 +89,22 @@ def _mean_ms(fn, *args, n=30):
     return 1000 * (time.perf_counter() - start) / n
 
 
+def _vmapped_pair(ops, kernel_batching: str):
+    """One jitted forward + adjoint of the M stacked operators under ``vmap``, and its leaves."""
+    ops = [dataclasses.replace(op, kernel_batching=kernel_batching) for op in ops]
+    treedef = jax.tree_util.tree_structure(ops[0])
+    leaves = [jnp.stack(ls) for ls in zip(*(jax.tree_util.tree_leaves(op) for op in ops))]
+    return jax.jit(jax.vmap(lambda ls, z: _pair(treedef.unflatten(ls), z))), leaves
+
+
 def operator_probe(ops, batch: int) -> dict:
-    """ms per forward + adjoint pair of M ConvTranspose2d (groups 1, no bias) three ways."""
-    m, (c_in, c_out) = len(ops), ops[0].weight.shape[:2]
-    z = jnp.ones((m, batch) + tuple(ops[0].to_internal(jnp.ones((1,) + ops[0].in_shape)).shape[1:]))
-    leaves, treedef = jax.tree_util.tree_flatten(ops[0])
-    stacked = [jnp.stack(ls) for ls in zip(*(jax.tree_util.tree_leaves(op) for op in ops))]
-    vmapped = jax.jit(jax.vmap(lambda ls, z: _pair(jax.tree_util.tree_unflatten(treedef, ls), z)))
-    dense = np.zeros((m * c_in, m * c_out) + ops[0].weight.shape[2:], np.float32)
-    for k, op in enumerate(ops):
-        dense[k * c_in:(k + 1) * c_in, k * c_out:(k + 1) * c_out] = np.asarray(op.weight)
-    block = dataclasses.replace(ops[0], weight=jnp.asarray(dense))
-    z_block = jnp.moveaxis(z, 0, -2).reshape(z.shape[1:-1] + (m * c_in,))
+    """ms per forward + adjoint pair of M same-geometry convolutions: a loop, and vmapped with
+    each ``kernel_batching`` (JAX's grouped rule, and the block-diagonal one stacking uses)."""
+    z = jnp.ones((len(ops), batch) +
+                 tuple(ops[0].to_internal(jnp.ones((1,) + ops[0].in_shape)).shape[1:]))
     return dict(batch=batch, loop_ms=sum(_mean_ms(_pair, op, z[0]) for op in ops),
-                vmapped_ms=_mean_ms(vmapped, stacked, z),
-                block_diagonal_ms=_mean_ms(_pair, block, z_block))
+                vmapped_ms=_mean_ms(*_vmapped_pair(ops, "grouped"), z),
+                block_diagonal_ms=_mean_ms(*_vmapped_pair(ops, "block_diagonal"), z))
 
 
 def timed(fn, *args):

@@ -28,9 +28,9 @@ that rounding of its bound may then come one iteration apart). JAX's vmap of a c
 whose kernel is batched is a grouped convolution, which XLA:CPU runs 7–18× slower than the
 ungrouped ones a loop runs; the stacked operators therefore convolve with
 ``kernel_batching="block_diagonal"`` (one dense convolution over the models' stacked channels,
-the same products). Even so, on the 2-core CPU the stacked solve measured 0.75–1.21× the loop's speed on the
-demo's four same-geometry heads (``benchmarks/attribute.py``): the solver's elementwise work
-dominates an iteration and stacking does not reduce it. Stacking is therefore off by default on
+the same products). Even so, on the 2-core CPU the stacked solve measured 0.75–1.21× the
+loop's speed on the demo's four same-geometry heads (``benchmarks/attribute.py``): the
+solver's elementwise work dominates an iteration and stacking does not reduce it. Stacking is therefore off by default on
 the CPU backend and on elsewhere (``stack=None``), where it has not been measured yet.
 """
 
@@ -55,6 +55,7 @@ from flipad_jax.evidence import pixel_range
 from flipad_jax.features import check_solved, downsample
 from flipad_jax.lasso import LassoOptions, _fista
 from flipad_jax.metrics import p_values
+from flipad_jax.operators import Conv2d, ConvTranspose2d
 from flipad_jax.sharding import device_batches
 
 DEFAULT_ALPHA = 0.005  # the paper's fnr: G claims x unless p_G(x) < 0.005
@@ -234,7 +235,7 @@ def _solve_stacked(leaves, o, anchor, lam, reference_start, step, tol, max_iter,
 def _block_diagonal_when_stacked(op):
     """A convolution whose vmap over the model axis runs one dense block-diagonal convolution
     instead of a grouped one (:class:`~flipad_jax.operators.Conv2d`'s ``kernel_batching``)."""
-    if "kernel_batching" in {f.name for f in dataclasses.fields(op)}:
+    if isinstance(op, (Conv2d, ConvTranspose2d)):
         return dataclasses.replace(op, kernel_batching="block_diagonal")
     return op
 

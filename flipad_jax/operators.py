@@ -405,13 +405,17 @@ class _Conv(_LinearOperator):
     # as cuDNN's backward-data convolution, and falls back to a dense convolution over the
     # inserted zeros otherwise (3.7 vs 1.6 ms for the DCGAN pair at batch 1000 on an H100,
     # benchmarks/conv_variants.py). Inside the solver loop the transform is loop-invariant.
+    def _conv(self, x, kernel, *, stride, padding, lhs_dilation, rhs_dilation):
+        """:func:`_conv` with this operator's layout, groups, precision and kernel batching."""
+        return _conv(x, kernel, self.layout, stride=stride, padding=padding,
+                     lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, groups=self.groups,
+                     precision=self.precision, kernel_batching=self.kernel_batching)
+
     def _direct(self, x):
         """conv2d(x; W) with the stored weight, stride, padding, dilation and groups."""
         kernel = jnp.transpose(self.weight, _LAYOUTS[self.layout][1])
-        return _conv(x, kernel, self.layout, stride=self.stride,
-                          padding=[(p, p) for p in self.padding], lhs_dilation=(1, 1),
-                          rhs_dilation=self.dilation, groups=self.groups,
-                          precision=self.precision, kernel_batching=self.kernel_batching)
+        return self._conv(x, kernel, stride=self.stride, padding=[(p, p) for p in self.padding],
+                          lhs_dilation=(1, 1), rhs_dilation=self.dilation)
 
     def _transposed(self, x, extra):
         """conv_transpose2d(x; W) with ``extra`` rows/cols appended (PyTorch's output_padding)."""
@@ -419,10 +423,8 @@ class _Conv(_LinearOperator):
                zip(self.kernel_size, self.padding, self.dilation, extra)]
         kernel = jnp.transpose(_transposed_oihw(self.weight, self.groups),
                                _LAYOUTS[self.layout][1])
-        return _conv(x, kernel, self.layout, stride=(1, 1), padding=pad,
-                          lhs_dilation=self.stride, rhs_dilation=self.dilation,
-                          groups=self.groups, precision=self.precision,
-                          kernel_batching=self.kernel_batching)
+        return self._conv(x, kernel, stride=(1, 1), padding=pad, lhs_dilation=self.stride,
+                          rhs_dilation=self.dilation)
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.in_channels}→{self.out_channels}, "
@@ -546,9 +548,8 @@ class ConvTranspose2d(_Conv):
 
     def _phase_conv(self, x, kernel_oihw, padding):
         kernel = jnp.transpose(kernel_oihw, _LAYOUTS[self.layout][1])
-        return _conv(x, kernel, self.layout, stride=(1, 1), padding=padding, lhs_dilation=(1, 1),
-                     rhs_dilation=(1, 1), groups=self.groups, precision=self.precision,
-                     kernel_batching=self.kernel_batching)
+        return self._conv(x, kernel, stride=(1, 1), padding=padding, lhs_dilation=(1, 1),
+                          rhs_dilation=(1, 1))
 
     def _channels_last(self, x, inverse=False):
         """The NHWC view the interleaving works in (a transpose XLA fuses into it for NCHW)."""
