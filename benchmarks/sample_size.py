@@ -21,6 +21,11 @@ seed, each method's mean and standard deviation (ddof 1).
         --out benchmarks/results/demo/sample_size.json
     python benchmarks/sample_size.py --sizes 1000 --seeds 1,2 --work /tmp/curve \
         --out benchmarks/results/demo/sample_size.json
+
+``--weights W`` runs the curve on another folder of the five demo generators (e.g. one where
+``python -m converters.demo_gans --only wgangp --authors-wgangp`` retrained WGAN-GP); each run
+records the folder and the generators' training recipes, and runs on other weights are kept
+apart, also in ``"spread"``.
 """
 
 import argparse
@@ -59,6 +64,7 @@ def spread(runs: list) -> list:
         # SM-Inv₂'s fields are not settings of a run that did not run it (older runs omit them)
         rest = {k: v for k, v in r["settings"].items() if k != "seed" and not (
             k.startswith("sminv_") and not r["settings"].get("sminv_n_test"))}
+        rest["weights"] = r.get("weights", SHIPPED)
         groups.setdefault(json.dumps(rest, sort_keys=True), []).append(r)
     out = []
     for rest, same in groups.items():
@@ -70,6 +76,19 @@ def spread(runs: list) -> list:
                         (k, [r["methods"][m][k] for r in same]) for k in ("accuracy", "auc"))}
                         for m in same[0]["methods"]}})
     return out
+
+
+SHIPPED = "shipped"  # the runs' weights: the shipped generators, or the recipes of other ones
+
+
+def recipes(weights) -> str | dict:
+    """:data:`SHIPPED`, or ``{"folder", "recipes": {G: {"seed", "epochs", "init",
+    "adam_betas"}}}`` from the folder's training.json (what sets apart another set of weights)."""
+    if weights is None:
+        return SHIPPED
+    record = json.loads((Path(weights) / "training.json").read_text())["models"]
+    return {"folder": str(weights), "recipes": {g: {k: m.get(k) for k in (
+        "seed", "epochs", "init", "adam_betas")} for g, m in record.items()}}
 
 
 def device_name() -> str:
@@ -87,6 +106,7 @@ def main(argv=None) -> int:
                    help="DeepSAD widths: the demo's (default) or the authors' (App. G)")
     p.add_argument("--real-train", choices=REAL_TRAIN_SPLITS, default="train")
     p.add_argument("--seeds", default="0", help="comma-separated run seeds (default 0)")
+    p.add_argument("--weights", help="folder of the demo generators (default: the shipped ones)")
     p.add_argument("--work", required=True, help="folder for one demo run per size and seed")
     p.add_argument("--out", required=True, help="JSON file, rewritten after each size")
     args = p.parse_args(argv)
@@ -95,26 +115,30 @@ def main(argv=None) -> int:
     # SM-Inv₂ is left out of the curve: at these sizes it costs far more than the rest
     base = (PAPER if args.widths == "paper" else FULL)._replace(
         n_val=args.n_eval, n_test=args.n_eval, real_train=args.real_train, sminv_n_test=0)
-    todo = [(n, seed) for n in sizes for seed in seeds]
+    weights = recipes(args.weights)
+    todo = [(n, seed, weights) for n in sizes for seed in seeds]
     runs = []
-    if Path(args.out).exists():  # keep the other sizes and seeds recorded there
+    if Path(args.out).exists():  # keep the other sizes, seeds and weights recorded there
         runs = [r for r in json.loads(Path(args.out).read_text())["runs"]
-                if (r["n_train"], r.get("seed", 0)) not in todo]
-    for n, seed in todo:
+                if (r["n_train"], r.get("seed", 0), r.get("weights", SHIPPED)) not in todo]
+    for n, seed, _ in todo:
         settings = base._replace(n_train=n, seed=seed)
-        folder = Path(args.work) / (f"n{n}" if seed == 0 else f"n{n}_seed{seed}")
+        folder = Path(args.work) / ((f"n{n}" if seed == 0 else f"n{n}_seed{seed}")
+                                    + ("" if args.weights is None else "_" + Path(args.weights).name))
         command = (f"flipad demo --n-train {n} --n-val {args.n_eval} --n-test {args.n_eval} "
                    f"--real-train {args.real_train}" + (f" --seed {seed}" if seed else "")
-                   + (" --paper-scale" if args.widths == "paper" else "") + f" --out {folder}")
+                   + (" --paper-scale" if args.widths == "paper" else "")
+                   + ("" if args.weights is None else f" --weights {args.weights}")
+                   + f" --out {folder}")
         print(f"[{time.strftime('%H:%M:%S')}] {command}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         # overwrite=False: a rerun with the same settings reuses the finished stages
-        results = run_demo(folder, settings=settings, progress=False)
+        results = run_demo(folder, settings=settings, weights=args.weights, progress=False)
         run = {"n_train": n, "seed": seed, "methods": results["methods"],
                "per_g": per_g(results["pairs"]), "table2": results["table2"]["methods"],
                "wall_s": round(time.perf_counter() - start, 1),
                "stage_s": results["timings_s"], "peak_rss_mib": results["peak_rss_mib"],
-               "settings": results["settings"], "device": device_name(),
+               "settings": results["settings"], "weights": weights, "device": device_name(),
                "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "command": command}
         runs.append(run)
         runs.sort(key=lambda r: (r["n_train"], r.get("seed", 0)))
