@@ -123,8 +123,9 @@ def main(argv=None) -> int:
                 if (r["n_train"], r.get("seed", 0), r.get("weights", SHIPPED)) not in todo]
     for n, seed, _ in todo:
         settings = base._replace(n_train=n, seed=seed)
-        folder = Path(args.work) / ((f"n{n}" if seed == 0 else f"n{n}_seed{seed}")
-                                    + ("" if args.weights is None else "_" + Path(args.weights).name))
+        name = (f"n{n}" if seed == 0 else f"n{n}_seed{seed}") + (
+            "" if args.weights is None else "_" + Path(args.weights).name)
+        folder = Path(args.work) / name
         command = (f"flipad demo --n-train {n} --n-val {args.n_eval} --n-test {args.n_eval} "
                    f"--real-train {args.real_train}" + (f" --seed {seed}" if seed else "")
                    + (" --paper-scale" if args.widths == "paper" else "")

@@ -66,33 +66,36 @@ def solve(op, o, zbar, iters, lipschitz, continuation=None):
     return fj.solve_lasso(op, o, LAM, anchor=zbar, options=options, lipschitz=lipschitz)
 
 
-def dual_value(op, o, zbar, lam, rho):
-    """D(αρ) = ⟨t, αρ⟩ − ½α²‖ρ‖² (t = o − A z̄ − b) at the best α with ‖Aᵀ αρ‖∞ ≤ λ, per sample:
-    the dual objective of the scaled residual ρ (B, *out_shape)."""
+def dual_value(op, target, lam, rho):
+    """D(αρ) = ⟨t, αρ⟩ − ½α²‖ρ‖² (t = ``target`` = o − A z̄ − b) at the best α with
+    ‖Aᵀ αρ‖∞ ≤ λ, per sample: the dual objective of the scaled residual ρ (B, *out_shape)."""
     axes = tuple(range(1, rho.ndim))
+    alpha_max = lam / jnp.max(jnp.abs(op.T(rho)), axis=tuple(range(1, len(op.in_shape) + 1)))
+    correlation, norm_sq = jnp.sum(target * rho, axis=axes), jnp.sum(rho * rho, axis=axes)
+    alpha = jnp.clip(correlation / norm_sq, 0, alpha_max)
+    return alpha * correlation - 0.5 * alpha ** 2 * norm_sq
+
+
+def extrapolated_gap(op, o, zbar, k, lipschitz, result):
+    """Relative gaps at ``result`` (the solve capped at k) from the plain dual points of iterates
+    k − K·f … k (best of them) and from celer's extrapolation of their residuals (best of all),
+    per sample."""
     target = o - op.affine(zbar[None])
-    alpha_max = lam / jnp.max(jnp.abs(op.T(rho)), axis=tuple(range(1, zbar.ndim + 1)))
-    alpha = jnp.clip(jnp.sum(target * rho, axis=axes) / jnp.sum(rho * rho, axis=axes), 0,
-                     alpha_max)
-    return alpha * jnp.sum(target * rho, axis=axes) - 0.5 * alpha ** 2 * jnp.sum(rho * rho, axis=axes)
-
-
-def extrapolated_gap(op, o, zbar, k, lipschitz, objective):
-    """Relative gaps at iterate k from the plain dual points of iterates k − K·f … k (best
-    of them) and from celer's extrapolation of their residuals (best of all), per sample."""
-    residuals = [o - op.affine(solve(op, o, zbar, j, lipschitz).z) for j in range(
-        k - EXTRAPOLATION_K * EXTRAPOLATION_EVERY, k + 1, EXTRAPOLATION_EVERY)]
-    plain = np.max([np.asarray(dual_value(op, o, zbar, LAM, r)) for r in residuals], axis=0)
+    earlier = [solve(op, o, zbar, j, lipschitz).z for j in range(
+        k - EXTRAPOLATION_K * EXTRAPOLATION_EVERY, k, EXTRAPOLATION_EVERY)]
+    residuals = [o - op.affine(z) for z in earlier + [result.z]]
+    plain = np.max([np.asarray(dual_value(op, target, LAM, r)) for r in residuals], axis=0)
     flat = np.stack([np.asarray(r).reshape(len(o), -1) for r in residuals], axis=1)
     combined = []
     for history in flat:  # per sample: (K + 1, rows)
         u = np.diff(history, axis=0)
         weights = np.linalg.solve(u @ u.T, np.ones(len(u)))
         combined.append((weights / weights.sum()) @ history[1:])
-    extrapolated = np.asarray(dual_value(op, o, zbar, LAM, jnp.asarray(
+    extrapolated = np.asarray(dual_value(op, target, LAM, jnp.asarray(
         np.reshape(combined, o.shape))))
-    objective = np.asarray(objective)
-    return (objective - plain) / objective, (objective - np.maximum(plain, extrapolated)) / objective
+    objective = np.asarray(result.objective)
+    best = np.maximum(plain, extrapolated)
+    return (objective - plain) / objective, (objective - best) / objective
 
 
 def iterations_to(op, o, zbar, lipschitz, p_star, continuation=None, start=100):
@@ -162,7 +165,7 @@ def main():
         res = solve(op, o, zbar, k, lipschitz)
         true = (np.asarray(res.objective) - p_star) / p_star
         cert = np.asarray(res.gap / res.objective)
-        best_plain, extrapolated = extrapolated_gap(op, o, zbar, k, lipschitz, res.objective)
+        best_plain, extrapolated = extrapolated_gap(op, o, zbar, k, lipschitz, res)
         checkpoints.append(dict(iterations=k, true_rel_subopt_median=float(np.median(true)),
                                 true_rel_subopt_max=float(np.max(true)),
                                 certified_rel_gap_median=float(np.median(cert)),

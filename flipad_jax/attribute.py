@@ -30,8 +30,9 @@ ungrouped ones a loop runs; the stacked operators therefore convolve with
 ``kernel_batching="block_diagonal"`` (one dense convolution over the models' stacked channels,
 the same products). Even so, on the 2-core CPU the stacked solve measured 0.75–1.21× the
 loop's speed on the demo's four same-geometry heads (``benchmarks/attribute.py``): the
-solver's elementwise work dominates an iteration and stacking does not reduce it. Stacking is therefore off by default on
-the CPU backend and on elsewhere (``stack=None``), where it has not been measured yet.
+solver's elementwise work dominates an iteration and stacking does not reduce it. Stacking is
+therefore off by default on the CPU backend and on elsewhere (``stack=None``), where it has not
+been measured yet.
 """
 
 from __future__ import annotations
