@@ -22,10 +22,11 @@ seed, each method's mean and standard deviation (ddof 1).
     python benchmarks/sample_size.py --sizes 1000 --seeds 1,2 --work /tmp/curve \
         --out benchmarks/results/demo/sample_size.json
 
-``--weights W`` runs the curve on another folder of the five demo generators (e.g. one where
-``python -m converters.demo_gans --only wgangp --authors-wgangp`` retrained WGAN-GP); each run
-records the folder and the generators' training recipes, and runs on other weights are kept
-apart, also in ``"spread"``.
+``--weights W`` runs the curve on another folder of the five demo generators (e.g. one that
+``python -m converters.demo_gans --out W --epochs 20`` trained). Each run records the folder
+(``"shipped"`` for the default) and the generators' training recipes from its ``training.json``,
+so runs on other weights, the shipped set of an earlier commit included, are kept apart, also in
+``"spread"``.
 """
 
 import argparse
@@ -40,6 +41,7 @@ import jax
 import numpy as np
 
 from converters.demo import FULL, PAPER, PAPER_TABLE12, REAL_TRAIN_SPLITS, run_demo
+from converters.demo_gans import RECORD_FILE, WEIGHTS_DIR
 from flipad_jax import report
 
 
@@ -64,7 +66,7 @@ def spread(runs: list) -> list:
         # SM-Inv₂'s fields are not settings of a run that did not run it (older runs omit them)
         rest = {k: v for k, v in r["settings"].items() if k != "seed" and not (
             k.startswith("sminv_") and not r["settings"].get("sminv_n_test"))}
-        rest["weights"] = r.get("weights", SHIPPED)
+        rest["weights"] = r["weights"]
         groups.setdefault(json.dumps(rest, sort_keys=True), []).append(r)
     out = []
     for rest, same in groups.items():
@@ -78,17 +80,19 @@ def spread(runs: list) -> list:
     return out
 
 
-SHIPPED = "shipped"  # the runs' weights: the shipped generators, or the recipes of other ones
+SHIPPED = "shipped"  # the folder of runs on the shipped generators
 
 
-def recipes(weights) -> str | dict:
-    """:data:`SHIPPED`, or ``{"folder", "recipes": {G: {"seed", "epochs", "init",
-    "adam_betas"}}}`` from the folder's training.json (what sets apart another set of weights)."""
-    if weights is None:
-        return SHIPPED
-    record = json.loads((Path(weights) / "training.json").read_text())["models"]
-    return {"folder": str(weights), "recipes": {g: {k: m.get(k) for k in (
-        "seed", "epochs", "init", "adam_betas")} for g, m in record.items()}}
+def recipes(weights) -> dict:
+    """``{"folder", "recipes": {G: {"seed", "epochs", "init", "adam_betas"}}}`` from the
+    training.json of ``weights`` (None: the shipped generators, folder :data:`SHIPPED`). The
+    recipes set runs on one set of weights apart from runs on another, the shipped set of an
+    earlier commit included."""
+    folder = WEIGHTS_DIR if weights is None else Path(weights)
+    record = json.loads((folder / RECORD_FILE).read_text())["models"]
+    return {"folder": SHIPPED if weights is None else str(weights), "recipes": {
+        g: {k: m.get(k) for k in ("seed", "epochs", "init", "adam_betas")}
+        for g, m in record.items()}}
 
 
 def device_name() -> str:
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
     runs = []
     if Path(args.out).exists():  # keep the other sizes, seeds and weights recorded there
         runs = [r for r in json.loads(Path(args.out).read_text())["runs"]
-                if (r["n_train"], r.get("seed", 0), r.get("weights", SHIPPED)) not in todo]
+                if (r["n_train"], r.get("seed", 0), r["weights"]) not in todo]
     for n, seed, _ in todo:
         settings = base._replace(n_train=n, seed=seed)
         name = (f"n{n}" if seed == 0 else f"n{n}_seed{seed}") + (

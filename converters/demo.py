@@ -361,7 +361,7 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
              weights=None, overwrite: bool = False, progress: bool = True,
              settings: Optional[DemoSettings] = None) -> dict:
     """Run the demo into the folder ``out``; returns the content of ``results.json``."""
-    from converters.demo_gans import WEIGHTS_DIR, train_demo_generators
+    from converters.demo_gans import WEIGHTS_DIR, train_demo_generators, weights_fingerprint
     from flipad_jax import metrics, report
     from flipad_jax.detector import DEFAULT_FNRS, Detector
     from flipad_jax.features import max_pool_to, top_channels
@@ -370,7 +370,8 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
     real = _real(settings, data)  # refuses sizes the data cannot serve before anything is written
     out = Path(out)
     wanted = {"settings": stage_settings(settings), "retrain": retrain,
-              "weights": str(weights) if weights else None}
+              "weights": str(weights) if weights else None,
+              "weights_sha256": None if retrain else weights_fingerprint(weights or WEIGHTS_DIR)}
     work = prepare_work(out, wanted, what="demo", overwrite=overwrite)
 
     timings: dict = {}

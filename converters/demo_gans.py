@@ -77,6 +77,20 @@ WEIGHTS_DIR = Path(__file__).parent / "demo_weights"
 RECORD_FILE = "training.json"
 
 
+def weights_fingerprint(folder) -> str:
+    """sha256 over the names and sha256s of the ``*.safetensors`` in ``folder``: a run's work
+    stages (bundles, samples, detectors) belong to these exact weights, not to a folder name."""
+    import hashlib
+
+    from flipad_jax._files import sha256_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: no generator weights (*.safetensors) here")
+    return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()
+                          ).hexdigest()
+
+
 def arch_of(name: str) -> str:
     """The architecture of the demo generator called ``name``."""
     for model in DEMO_MODELS:

@@ -201,13 +201,14 @@ def run_robustness(out, *, quick: bool = False, perturbations: Optional[Sequence
     """
     from converters._workdir import prepare_work
     from converters.demo import _bundles
-    from converters.demo_gans import WEIGHTS_DIR
+    from converters.demo_gans import WEIGHTS_DIR, weights_fingerprint
     from flipad_jax import report
 
     ps = parse_perturbations(perturbations)
     settings = settings or (QUICK if quick else FULL)
     weights = Path(weights or WEIGHTS_DIR)
-    work = prepare_work(out, {"settings": settings._asdict(), "weights": str(weights)},
+    work = prepare_work(out, {"settings": settings._asdict(), "weights": str(weights),
+                              "weights_sha256": weights_fingerprint(weights)},
                         what="robustness", overwrite=overwrite)
     clock = _Clock()
     with clock("convert"):

@@ -1,6 +1,7 @@
 """The embedded default: GAN training (every family), the shipped weights, and `flipad demo`."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,16 @@ torch = pytest.importorskip("torch")
 from converters.demo import (FAMILIES, FULL, METHODS, PAPER, PAPER_WIDTHS, QUICK,  # noqa: E402
                              _real, add_demo_parser, run_demo, settings_from_args,
                              table6_markdown)
+from converters import demo_gans  # noqa: E402
 from converters.demo_gans import (DEMO_MODELS, GEN_OPTIONS, RECORD_FILE, WEIGHTS_DIR,  # noqa: E402
-                                  DemoModel, _pull_away, _Trainer, train_demo_generators)
+                                  DemoModel, _pull_away, _Trainer, train_demo_generators,
+                                  weights_fingerprint)
 from converters.generators import build_generator  # noqa: E402
 from converters.loading import load_generator  # noqa: E402
 from flipad_jax.datasets import DEFAULT_FASHION_MNIST  # noqa: E402
 from flipad_jax.detector import Detector  # noqa: E402
 from flipad_jax.sminv import SMInv2  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from tests.test_datasets import _fake_fashion, _idx_bytes  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -199,10 +203,36 @@ def test_quick_demo_end_to_end_quality_and_resume(tmp_path, monkeypatch):
     for change in (dict(epochs=2), dict(sminv_steps=50)):
         with pytest.raises(ValueError, match="other settings"):
             run_demo(out, settings=QUICK._replace(**change), progress=False)
+    # New shipped weights (the same folder, other bytes) do not reuse the old weights' stages
+    changed = tmp_path / "shipped_changed"
+    shutil.copytree(WEIGHTS_DIR, changed)
+    state = load_file(str(changed / "ebgan.safetensors"))
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()},
+              str(changed / "ebgan.safetensors"))
+    monkeypatch.setattr(demo_gans, "WEIGHTS_DIR", changed)
+    with pytest.raises(ValueError, match="other settings"):
+        run_demo(out, quick=True, progress=False)
+    monkeypatch.undo()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file").write_text("x")
     with pytest.raises(ValueError, match="not a demo folder"):
         run_demo(tmp_path / "other", quick=True, progress=False)
+
+
+def test_weights_fingerprint_follows_the_bytes_not_the_folder(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / "g.safetensors").write_bytes(b"12345")
+    (b / "training.json").write_text("{}")  # not weights: ignored
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    (b / "g.safetensors").write_bytes(b"12346")
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    (b / "g.safetensors").rename(b / "h.safetensors")  # a renamed generator is another set
+    (b / "h.safetensors").write_bytes(b"12345")
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    with pytest.raises(ValueError, match="no generator weights"):
+        weights_fingerprint(tmp_path / "missing")
 
 
 def _parse(*argv):
