@@ -78,17 +78,13 @@ RECORD_FILE = "training.json"
 
 
 def weights_fingerprint(folder) -> str:
-    """sha256 over the names and sha256s of the ``*.safetensors`` in ``folder``: a run's work
+    """sha256 over the names and bytes of the ``*.safetensors`` in ``folder``: a run's work
     stages (bundles, samples, detectors) belong to these exact weights, not to a folder name."""
-    import hashlib
+    from flipad_jax._files import folder_digest
 
-    from flipad_jax._files import sha256_file
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
+    if not any(Path(folder).glob("*.safetensors")):
         raise ValueError(f"{folder}: no generator weights (*.safetensors) here")
-    return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()
-                          ).hexdigest()
+    return folder_digest(folder, "*.safetensors")
 
 
 def arch_of(name: str) -> str:

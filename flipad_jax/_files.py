@@ -77,3 +77,13 @@ def sha256_file(path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+
+def folder_digest(root, pattern: str = "**/*") -> str:
+    """Hex sha256 over the relative paths and bytes of the files under ``root`` that match the
+    glob ``pattern``, in sorted order: the identity of a saved folder's contents."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.glob(pattern) if p.is_file()):
+        h.update(str(file.relative_to(root)).encode() + b"\0")
+        h.update(file.read_bytes())
+    return h.hexdigest()

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from flipad_jax._files import check_new_path
+from flipad_jax._files import check_new_path, folder_digest
 from flipad_jax._partial import PartialOutput, row_format
 from flipad_jax.images import ImageRef, read_images
 from flipad_jax.metrics import p_values
@@ -117,12 +117,7 @@ def score_all(detector, refs: Sequence[ImageRef], *, output_range=(-1.0, 1.0),
 
 def detector_digest(path) -> str:
     """sha256 over the relative paths and bytes of every file of a saved detector folder."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(root)).encode() + b"\0")
-        h.update(file.read_bytes())
-    return h.hexdigest()
+    return folder_digest(path)
 
 
 def inputs_digest(names: Sequence[str]) -> str:
