@@ -99,11 +99,11 @@ def main(argv=None) -> int:
         for model in models:
             sets = {0: shipped[f"{model}_test"][:settings.n_test],
                     **{s: fits[f"{model}_seed{s}"][0] for s in seeds}}
-            recs = {s: metrics.evaluate(score_g, {model: det.anomaly_score(x, precomputed=rows)},
-                                        {FNR: det.thresholds_[FNR]})[0]
-                    for s, x in sets.items()}
-            acc = [recs[s][f"acc@fnr={FNR:g}"] for s in sets]
-            auc = [recs[s]["auc"] for s in sets]
+            recs = metrics.evaluate(score_g, {s: det.anomaly_score(x, precomputed=rows)
+                                              for s, x in sets.items()},
+                                    {FNR: det.thresholds_[FNR]})  # one record per seed, in order
+            acc = [r[f"acc@fnr={FNR:g}"] for r in recs]
+            auc = [r["auc"] for r in recs]
             per_model[model] = {"seeds": list(sets), "accuracy": acc, "auc": auc,
                                 "accuracy_mean_std": [float(np.mean(acc)),
                                                       float(np.std(acc, ddof=1))],
