@@ -40,10 +40,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax.numpy as jnp
 from jax import lax
 
-from flipad_jax.nn_ops import batch_normalize, max_pool_2x2
+from flipad_jax.nn_ops import batch_normalize, conv_same, max_pool_2x2
 
 LEAKY_SLOPE = 0.01
 BN_EPS = 1e-4
@@ -82,6 +83,21 @@ class BatchNorm(nn.Module):
         per_channel = (1,) * (x.ndim - 1) + (features,)  # (C,) statistics against (..., C) x
         return ((x - ra_mean.value.reshape(per_channel))
                 * lax.rsqrt(ra_var.value + self.epsilon).reshape(per_channel))
+
+
+class SameConv(nn.Module):
+    """A bias-free stride-1 conv with padding ``k // 2`` (``nn.Conv``'s ``kernel`` parameter, same
+    shape and initialisation), computed by :func:`~flipad_jax.nn_ops.conv_same`."""
+
+    features: int
+    kernel_size: int = 5
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _torch_default_init,
+                            (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+                            jnp.float32)
+        return conv_same(*promote_dtype(x, kernel))
 
 
 def _leaky_relu(x):
@@ -135,8 +151,7 @@ class LeNet(nn.Module):
                         kernel_init=_torch_default_init, name="stem")(x)
             x = _leaky_relu(x)
         for i, width in enumerate(self.widths):
-            x = nn.Conv(width, (5, 5), padding=2, use_bias=False,
-                        kernel_init=_torch_default_init, name=f"conv{i}")(x)
+            x = SameConv(width, name=f"conv{i}")(x)
             x = BatchNorm(name=f"bn{i}")(x, train)
             x = max_pool_2x2(_leaky_relu(x))
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], self.widths[-1] * final * final)

@@ -1,4 +1,7 @@
-"""Channels-last BatchNorm statistics and 2×2 max-pooling with hand-written gradients.
+"""Channels-last building blocks of the DeepSAD networks that XLA:CPU compiles badly in plain form.
+
+BatchNorm statistics and 2×2 max-pooling carry hand-written gradients; ``conv_same`` picks the
+form of a "same" convolution by the size of the image.
 
 Same values as the plain jnp formulas; the gradients are written out because XLA:CPU compiled the
 autodiff of the plain forms badly. On ``(128, 32, 32, 32)`` activations (the first block of
@@ -15,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -103,3 +107,34 @@ def _pool_bwd(residuals, g):
 
 
 max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
+
+
+def conv_same(x, kernel):
+    """Stride-1 convolution with zero padding ``k // 2`` (PyTorch's ``conv2d(x, w, padding=k//2)``).
+
+    Args:
+      x: ``(B, H, W, C)`` floating array.
+      kernel: ``(kh, kw, C, O)`` with odd ``kh`` and ``kw`` (Flax's HWIO layout).
+
+    Returns:
+      ``(B, H, W, O)``.
+
+    When the image has no more pixels than the kernel has taps (``H·W ≤ kh·kw``, the 4×4 maps of
+    the last LeNet block), the convolution runs as one matrix product with its dense
+    ``(H·W·C, H·W·O)`` matrix, which then needs no more multiply-adds than the direct form.
+    XLA:CPU's convolution is slow on such small images: on the 256 → 128 channel 4×4 block at
+    batch 128, forward and backward took 760 ms as a convolution and 51 ms as the product (at 8×8
+    the convolution wins, 225 ms against 940 ms; ``benchmarks/README.md``).
+    """
+    kh, kw, c, o = kernel.shape
+    b, h, w, _ = x.shape
+    if h * w > kh * kw:
+        return lax.conv_general_dilated(x, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # the tap index linking input pixel (i, j) to output pixel (p, q); kh·kw marks "no tap"
+    i, j, p, q = np.meshgrid(np.arange(h), np.arange(w), np.arange(h), np.arange(w), indexing="ij")
+    di, dj = i - p + kh // 2, j - q + kw // 2
+    tap = np.where((di >= 0) & (di < kh) & (dj >= 0) & (dj < kw), di * kw + dj, kh * kw)
+    taps = jnp.concatenate([kernel.reshape(kh * kw, c, o), jnp.zeros((1, c, o), kernel.dtype)])
+    dense = taps[tap.reshape(h * w, h * w)].transpose(0, 2, 1, 3).reshape(h * w * c, h * w * o)
+    return (x.reshape(b, h * w * c) @ dense).reshape(b, h, w, o)

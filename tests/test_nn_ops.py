@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flipad_jax.nn_ops import batch_normalize, max_pool_2x2
+from flipad_jax.nn_ops import batch_normalize, conv_same, max_pool_2x2
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -55,3 +55,24 @@ def test_batch_normalize_gradient_matches_torch(seed, shape):
         np.testing.assert_allclose(ov, var.detach().numpy(), rtol=1e-12)
         (gx,) = vjp((last(gy), jnp.asarray(gm.numpy()), jnp.asarray(gv.numpy())))
         np.testing.assert_allclose(gx, last(x.grad), rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([3, 5]), h=st.integers(1, 7),
+       w=st.integers(1, 7), c=st.integers(1, 4), o=st.integers(1, 4))
+def test_conv_same_value_and_gradients_match_torch(seed, k, h, w, c, o):
+    """Both forms (the dense product for images with at most k² pixels, else the convolution)
+    against ``conv2d(padding=k // 2)`` and its autograd, for the input and the kernel."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, c, h, w, dtype=torch.float64, generator=gen).requires_grad_(True)
+    weight = torch.randn(o, c, k, k, dtype=torch.float64, generator=gen).requires_grad_(True)
+    g = torch.randn(2, o, h, w, dtype=torch.float64, generator=gen)
+    out = torch.nn.functional.conv2d(x, weight, padding=k // 2)
+    (out * g).sum().backward()
+    hwio = lambda t: jnp.asarray(t.detach().numpy().transpose(2, 3, 1, 0))
+    with jax.enable_x64(True):
+        ours, vjp = jax.vjp(conv_same, _nhwc(x), hwio(weight))
+        np.testing.assert_allclose(ours, _nhwc(out), rtol=1e-12, atol=1e-12)
+        gx, gw = vjp(_nhwc(g))
+        np.testing.assert_allclose(gx, _nhwc(x.grad), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(gw, hwio(weight.grad), rtol=1e-12, atol=1e-12)
