@@ -1,4 +1,5 @@
-"""SM-Inv₂ reconstruction: flipad-jax (one jitted lax.scan over restarts × samples) vs PyTorch.
+"""SM-Inv₂ reconstruction: flipad-jax (a loop over one jitted Adam step on all restarts × samples)
+vs PyTorch.
 
 Both sides invert the same demo generator (eval mode, float32) on the same images (half samples
 the generator made, half real Fashion-MNIST test images) from the same initial latents
@@ -11,7 +12,9 @@ the reference's one Adam per latent, without its Python loop over optimisers and
 Reported per side: wall time of the whole reconstruction (median over ``--rounds``; the sides
 alternate so drifting machine load hits both alike), JAX's first call (compile + run) apart, time
 per latent-step, the ratio torch / JAX, and how far the two results agree (max |Δ best distance|,
-share of samples keeping the same restart).
+share of samples keeping the same restart). For a generator with nearest upsampling followed by
+a "same" convolution (LSGAN), the JAX side also runs with those layers unfused
+(``Generator.load(fuse_upsampling=False)``), timed in the same rounds (``jax_unfused``).
 
     python benchmarks/sminv.py --arch dcgan --samples 16 --restarts 10 --steps 100 \
         --out benchmarks/results/sminv_cpu_dcgan.json
@@ -79,9 +82,15 @@ def main(argv=None):
     for q in model.parameters():
         q.requires_grad_(False)
     with tempfile.TemporaryDirectory() as tmp:
-        gen = Generator.load(convert_generator(WEIGHTS_DIR / f"{args.arch}.safetensors",
-                                               Path(tmp) / "g", arch=arch_of(args.arch),
-                                               arch_options=GEN_OPTIONS, check_samples=2).path)
+        path = convert_generator(WEIGHTS_DIR / f"{args.arch}.safetensors", Path(tmp) / "g",
+                                 arch=arch_of(args.arch), arch_options=GEN_OPTIONS,
+                                 check_samples=2).path
+        gen = Generator.load(path)
+        # the same chain without fused upsampling + convolution, timed beside it when it has any
+        unfused = Generator.load(path, fuse_upsampling=False)
+    sides = {"jax": gen}
+    if len(unfused.layers) != len(gen.layers):
+        sides["jax_unfused"] = unfused
     half = args.samples // 2
     made = np.asarray(gen(np.random.default_rng(0).standard_normal(
         (half,) + gen.latent_shape).astype(np.float32)))
@@ -97,11 +106,15 @@ def main(argv=None):
     t = time.perf_counter()
     ours = reconstruct(gen, images, **kw)
     first = time.perf_counter() - t
-    times = {"jax": [], "torch": []}
+    for side in list(sides)[1:]:
+        reconstruct(sides[side], images, **kw)  # compiled before the timed rounds
+    times = {**{side: [] for side in sides}, "torch": []}
     for _ in range(args.rounds):
-        t = time.perf_counter()
-        ours = reconstruct(gen, images, **kw)  # returns numpy: synchronised
-        times["jax"].append(time.perf_counter() - t)
+        for side, g in sides.items():
+            t = time.perf_counter()
+            out = reconstruct(g, images, **kw)  # returns numpy: synchronised
+            times[side].append(time.perf_counter() - t)
+            ours = out if side == "jax" else ours
         t = time.perf_counter()
         theirs = torch_reconstruct(model, images, z0, args.steps, args.lr)
         times["torch"].append(time.perf_counter() - t)
@@ -115,6 +128,8 @@ def main(argv=None):
         "jax_first_call_s": round(first, 3),
         "ms_per_latent_step": {k: round(1e3 * v / latent_steps, 4) for k, v in med.items()},
         "ratio_torch_over_jax": round(med["torch"] / med["jax"], 3),
+        **({"ratio_unfused_over_fused": round(med["jax_unfused"] / med["jax"], 3)}
+           if "jax_unfused" in med else {}),
         "agreement": {
             "max_abs_diff_best_distance": float(np.max(np.abs(ours.distance - theirs[0]))),
             "same_restart_share": float(np.mean(ours.restart == theirs[1])),

@@ -30,6 +30,10 @@ inside, image activations run channel-last (NHWC), the layout that measured fast
 convolutions on XLA:CPU (STYLE.md). The linear layers are :mod:`flipad_jax.operators` (with their
 bias), so the convolution arithmetic is the one the head uses and tests.
 
+Nearest upsampling followed by a stride-1 "same" convolution (LSGAN's blocks) runs fused, as one
+small convolution per output phase (:class:`UpsampledConv`): the same map with (⌈k/s⌉/k)² of the
+multiply-adds and no upsampled intermediate. ``fuse_upsampling=False`` keeps the two layers.
+
 BatchNorm mode. The reference inverts with BatchNorm in *training* mode (batch statistics, which
 couple all latents of a batch: REFERENCE.md §6.2). Here it runs in eval mode: the product samples
 its generators in eval mode (``converters.sampling``), a sample's reconstruction must not depend
@@ -48,7 +52,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from flipad_jax._checks import check_floating
-from flipad_jax.operators import Conv2d, ConvTranspose2d, Linear
+from flipad_jax.operators import _LAYOUTS, _PRECISIONS, Conv2d, ConvTranspose2d, Linear, _conv
 
 SCHEMA_VERSION = 1
 FORMAT = "flipad_generator"
@@ -140,6 +144,76 @@ class Elementwise:
         return cls(*static)
 
 
+def _phase_taps(k: int, s: int) -> list:
+    """Per output phase r of nearest upsampling by ``s`` then a size-``k`` (odd) convolution
+    with padding ``k // 2``, along one axis: ``(A_r, (pad_lo, pad_hi))``, where ``A_r`` ``(m, k)``
+    sums the kernel's taps that read the same small-image pixel (tap t of output s·i + r reads
+    pixel i + ⌊(r + t − k//2) / s⌋), and the pads make the phase's output as long as the input."""
+    taps = []
+    for r in range(s):
+        offsets = (r + np.arange(k) - k // 2) // s
+        lo = offsets[0]
+        a = np.zeros((offsets[-1] - lo + 1, k))
+        a[offsets - lo, np.arange(k)] = 1.0
+        taps.append((a, (int(-lo), int(offsets[-1]))))
+    return taps
+
+
+@jax.tree_util.register_pytree_node_class
+class UpsampledConv:
+    """Nearest upsampling by ``scale`` = (s_h, s_w), then ``conv`` (a stride-1, dilation-1
+    :class:`~flipad_jax.operators.Conv2d` with odd kernel and padding k // 2, and its bias), on a
+    channel-last batch ``(B, H, W, C)`` → ``(B, s_h·H, s_w·W, O)``.
+
+    Output pixel (s_h·i + r, s_w·j + c) reads only small-image pixels near (i, j), so each of the
+    s_h·s_w phases (r, c) is one convolution of the small image with a kernel that sums the taps
+    reading the same pixel; the phases are then interleaved. On LSGAN's 3×3 blocks at ×2 that is
+    4 taps a phase instead of 9: the generator's gradient at batch 20 took half the time of
+    upsampling then convolving (CPU, ``benchmarks/README.md``)."""
+
+    def __init__(self, scale: tuple, conv: Conv2d):
+        self.scale, self.conv = tuple(scale), conv
+
+    @staticmethod
+    def fuses(upsample, conv) -> bool:
+        """Whether ``upsample`` then ``conv`` (two layers of a chain) can run as one."""
+        return (isinstance(upsample, Elementwise) and upsample.kind == "upsample_nearest"
+                and type(conv) is Conv2d and conv.layout == "NHWC"
+                and conv.stride == (1, 1) and conv.dilation == (1, 1)
+                and all(k % 2 and p == k // 2 for k, p in zip(conv.kernel_size, conv.padding)))
+
+    def __call__(self, x):
+        conv = self.conv
+        hwio = jnp.transpose(conv.weight, _LAYOUTS["NHWC"][1])
+        (kh, kw), (sh, sw) = conv.kernel_size, self.scale
+        highest = _PRECISIONS["highest"]  # the sums of taps: exact enough in float32 anywhere
+        phases = [[_conv(x, jnp.einsum("at,bu,tuco->abco", a.astype(hwio.dtype),
+                                       b.astype(hwio.dtype), hwio, precision=highest),
+                         "NHWC", stride=(1, 1), padding=[pad_a, pad_b], lhs_dilation=(1, 1),
+                         rhs_dilation=(1, 1), groups=conv.groups, precision=conv.precision)
+                   for b, pad_b in _phase_taps(kw, sw)] for a, pad_a in _phase_taps(kh, sh)]
+        y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # (B, H, sh, W, sw, O)
+        y = y.reshape(x.shape[0], x.shape[1] * sh, x.shape[2] * sw, y.shape[-1])
+        return y if conv.bias is None else y + _per_channel(conv.bias, y)
+
+    def tree_flatten(self):
+        return (self.conv,), self.scale
+
+    @classmethod
+    def tree_unflatten(cls, scale, children):
+        return cls(scale, *children)
+
+
+def _fuse_upsampling(layers: list) -> list:
+    """The chain with every fusable (upsample, conv) pair as one :class:`UpsampledConv`."""
+    fused = []
+    for layer in layers:
+        if fused and UpsampledConv.fuses(fused[-1], layer):
+            layer = UpsampledConv(fused.pop().arg, layer)
+        fused.append(layer)
+    return fused
+
+
 class GeneratorInfo(NamedTuple):
     """Static (hashable) facts about a generator: shapes, output range, architecture, and the
     bundle's JSON as text."""
@@ -195,13 +269,16 @@ class Generator:
         return z
 
     @classmethod
-    def load(cls, path, *, dtype=np.float32, precision: Optional[str] = "highest") -> "Generator":
+    def load(cls, path, *, dtype=np.float32, precision: Optional[str] = "highest",
+             fuse_upsampling: bool = True) -> "Generator":
         """Read and validate the generator bundle folder ``path``.
 
         Args:
           dtype: dtype of the weights (float64 needs ``jax.enable_x64``).
           precision: convolution precision, as in :mod:`flipad_jax.operators` ("highest" by
             default; None for the backend's default, TF32 on recent NVIDIA GPUs).
+          fuse_upsampling: run nearest upsampling + "same" convolution as
+            :class:`UpsampledConv` (the same map, fewer multiply-adds); False keeps the layers.
         """
         path = Path(path)
         for name in (META_FILE, WEIGHTS_FILE):
@@ -218,7 +295,8 @@ class Generator:
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({e})") \
                 from None
-        return from_arrays(meta, arrays, dtype=dtype, precision=precision)
+        return from_arrays(meta, arrays, dtype=dtype, precision=precision,
+                           fuse_upsampling=fuse_upsampling)
 
 
 def _layer(spec, i: int, arrays: dict, used: set, dtype, precision, in_shape: tuple):
@@ -277,9 +355,10 @@ def _layer(spec, i: int, arrays: dict, used: set, dtype, precision, in_shape: tu
 
 
 def from_arrays(meta: dict, arrays: dict, *, dtype=np.float32,
-                precision: Optional[str] = "highest") -> Generator:
+                precision: Optional[str] = "highest", fuse_upsampling: bool = True) -> Generator:
     """A :class:`Generator` from a bundle's JSON ``meta`` and its ``arrays`` (name → numpy),
-    validated: every field, every array used exactly once, and the chain's output shape."""
+    validated: every field, every array used exactly once, and the chain's output shape;
+    ``dtype``, ``precision`` and ``fuse_upsampling`` as in :meth:`Generator.load`."""
     if not isinstance(meta, dict):
         raise ValueError(f"{META_FILE} holds a {type(meta).__name__}: expected a JSON object")
     if meta.get("schema_version") != SCHEMA_VERSION:
@@ -321,6 +400,8 @@ def from_arrays(meta: dict, arrays: dict, *, dtype=np.float32,
     if set(arrays) != used:
         raise ValueError(f"{WEIGHTS_FILE} holds arrays no layer uses: "
                          f"{sorted(set(arrays) - used)}")
+    if fuse_upsampling:
+        layers = _fuse_upsampling(layers)
     gen = Generator(layers, GeneratorInfo(latent_shape, out_shape, output_range, meta["arch"],
                                           json.dumps(meta, sort_keys=True)))
     try:

@@ -15,7 +15,7 @@ nn = torch.nn
 from converters.demo_gans import DEMO_MODELS, GEN_OPTIONS, WEIGHTS_DIR  # noqa: E402
 from converters.full_generator import convert_generator, describe  # noqa: E402
 from converters.generators import build_generator  # noqa: E402
-from flipad_jax.generators import Generator, from_arrays  # noqa: E402
+from flipad_jax.generators import Generator, UpsampledConv, from_arrays  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -117,6 +117,35 @@ def test_random_chains_match_torch(kind, k, s, p, bias, up, slope):
         got = np.asarray(from_arrays(meta, arrays, dtype=np.float64)(z))
     np.testing.assert_allclose(got, _torch_forward(model, z, torch.float64), atol=FLOAT64_TOL,
                                rtol=0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(sh=st.integers(1, 3), sw=st.integers(1, 3), k=st.sampled_from([1, 3, 5]),
+       groups=st.sampled_from([1, 2]), bias=st.booleans(), size=st.integers(2, 5),
+       seed=st.integers(0, 2**16))
+def test_fused_upsampling_matches_torch_values_and_gradients(sh, sw, k, groups, bias, size,
+                                                             seed):
+    """Upsample then a "same" Conv2d, run as one UpsampledConv: torch's forward, and torch's
+    gradient with respect to the input (what SM-Inv₂ differentiates)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Upsample(scale_factor=(sh, sw)),
+                          nn.Conv2d(4, 6, k, 1, k // 2, groups=groups, bias=bias))
+    layers, arrays = describe(model, (4, size, size))
+    meta = {"schema_version": 1, "format": "flipad_generator", "arch": "Sequential",
+            "latent_shape": [4, size, size], "out_shape": [6, sh * size, sw * size],
+            "output_range": None, "bn_mode": "eval", "layers": layers}
+    z = torch.randn(2, 4, size, size, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 6, sh * size, sw * size, dtype=torch.float64)
+    out = model.double()(z)
+    (out * g).sum().backward()
+    with jax.enable_x64(True):
+        gen = from_arrays(meta, arrays, dtype=np.float64)
+        assert [type(layer) for layer in gen.layers] == [UpsampledConv]
+        got, vjp = jax.vjp(gen, z.detach().numpy())
+        np.testing.assert_allclose(got, out.detach().numpy(), atol=FLOAT64_TOL, rtol=0)
+        np.testing.assert_allclose(vjp(g.numpy())[0], z.grad.numpy(), atol=FLOAT64_TOL, rtol=0)
+        unfused = from_arrays(meta, arrays, dtype=np.float64, fuse_upsampling=False)
+        assert len(unfused.layers) == 2
 
 
 @pytest.mark.slow
