@@ -26,12 +26,11 @@ import numpy as np
 import torch
 
 from converters.tabular_demo import (FULL, G, TRAIN_OTHER, _g_rows, _head, _one_torch_thread,
-                                     run_tabular_demo)
+                                     load_detector, run_tabular_demo, takes_rows)
 from converters.tabular_gans import (OUT_DIR, SDV_MODELS, klwgan_weights, read_sdv_samples,
                                      sdv_samples_file, train_sdv)
 from flipad_jax import metrics, report
 from flipad_jax._files import atomic_file
-from flipad_jax.detector import Detector
 from flipad_jax.tabular import wine_splits
 
 FNR = 0.005
@@ -91,9 +90,8 @@ def main(argv=None) -> int:
     shipped = read_sdv_samples(sdv_samples_file(OUT_DIR, args.dataset))
     methods = {}
     for method in ("flipad", "rawpad"):
-        det = Detector.load(demo_work / "detectors" / f"{method}_{args.dataset}",
-                            head=head if method == "flipad" else None, progress=False)
-        rows = method == "rawpad"  # RawPAD's features are the rows themselves
+        det = load_detector(demo_work, method, args.dataset, head, progress=False)
+        rows = takes_rows(method)
         score_g = det.anomaly_score(g_test, precomputed=rows)
         per_model = {}
         for model in models:

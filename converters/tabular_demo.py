@@ -225,6 +225,25 @@ def _report(results: dict) -> str:
     return paper_tables(results) + "\n" + tables_markdown(sections, DEFAULT_FNRS)
 
 
+def detector_dir(work: Path, method: str, dataset: str) -> Path:
+    """The folder of the demo's ``method`` detector for ``dataset`` under ``work``."""
+    return work / "detectors" / f"{method}_{dataset}"
+
+
+def takes_rows(method: str) -> bool:
+    """Whether ``method``'s detector scores the rows themselves (``precomputed=True``): RawPAD's
+    features are the rows."""
+    return method == "rawpad"
+
+
+def load_detector(work: Path, method: str, dataset: str, head, progress: bool):
+    """The saved ``method`` detector for ``dataset`` (FLIPAD's with the KL-WGAN ``head``)."""
+    from flipad_jax.detector import Detector
+
+    return Detector.load(detector_dir(work, method, dataset),
+                         head=head if method == "flipad" else None, progress=progress)
+
+
 def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progress: bool = True,
                      settings: Optional[TabularSettings] = None) -> dict:
     """Run the tabular demo into the folder ``out``; returns the content of ``results.json``.
@@ -244,7 +263,7 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
     from converters._workdir import prepare_work
     from converters.tabular_gans import OUT_DIR, klwgan_weights
     from flipad_jax import metrics, report
-    from flipad_jax.detector import DEFAULT_FNRS, Detector
+    from flipad_jax.detector import DEFAULT_FNRS
 
     settings = settings or (QUICK if quick else FULL)
     unknown = [d for d in settings.datasets if d not in DATASETS]
@@ -273,12 +292,11 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
         _stage(timings, "sample", t)
 
         for method in tqdm(METHODS, desc=dataset, disable=not progress):
-            det_dir = work / "detectors" / f"{method}_{dataset}"
-            rows = method == "rawpad"  # RawPAD's features are the rows themselves
+            det_dir = detector_dir(work, method, dataset)
+            rows = takes_rows(method)
             t = time.perf_counter()
             if det_dir.exists():
-                det = Detector.load(det_dir, head=head if method == "flipad" else None,
-                                    progress=progress)
+                det = load_detector(work, method, dataset, head, progress)
             else:
                 det = _detector(method, dataset, head, settings, progress)
                 det.fit(g["train"], sdv["train"][TRAIN_OTHER], g["val"], precomputed=rows)
