@@ -31,8 +31,9 @@ convolutions on XLA:CPU (STYLE.md). The linear layers are :mod:`flipad_jax.opera
 bias), so the convolution arithmetic is the one the head uses and tests.
 
 Nearest upsampling followed by a stride-1 "same" convolution (LSGAN's blocks) runs fused, as one
-small convolution per output phase (:class:`UpsampledConv`): the same map with (⌈k/s⌉/k)² of the
-multiply-adds and no upsampled intermediate. ``fuse_upsampling=False`` keeps the two layers.
+small convolution per output phase (:class:`UpsampledConv`): the same map with fewer
+multiply-adds (4/9 for LSGAN's 3×3 at ×2, never more than unfused) and no upsampled intermediate.
+``fuse_upsampling=False`` keeps the two layers.
 
 BatchNorm mode. The reference inverts with BatchNorm in *training* mode (batch statistics, which
 couple all latents of a batch: REFERENCE.md §6.2). Here it runs in eval mode: the product samples
@@ -52,7 +53,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from flipad_jax._checks import check_floating
-from flipad_jax.operators import _LAYOUTS, _PRECISIONS, Conv2d, ConvTranspose2d, Linear, _conv
+from flipad_jax.operators import _LAYOUTS, _PRECISIONS, Conv2d, ConvTranspose2d, Linear
 
 SCHEMA_VERSION = 1
 FORMAT = "flipad_generator"
@@ -187,10 +188,10 @@ class UpsampledConv:
         hwio = jnp.transpose(conv.weight, _LAYOUTS["NHWC"][1])
         (kh, kw), (sh, sw) = conv.kernel_size, self.scale
         highest = _PRECISIONS["highest"]  # the sums of taps: exact enough in float32 anywhere
-        phases = [[_conv(x, jnp.einsum("at,bu,tuco->abco", a.astype(hwio.dtype),
-                                       b.astype(hwio.dtype), hwio, precision=highest),
-                         "NHWC", stride=(1, 1), padding=[pad_a, pad_b], lhs_dilation=(1, 1),
-                         rhs_dilation=(1, 1), groups=conv.groups, precision=conv.precision)
+        phases = [[conv._conv(x, jnp.einsum("at,bu,tuco->abco", a.astype(hwio.dtype),
+                                            b.astype(hwio.dtype), hwio, precision=highest),
+                              stride=(1, 1), padding=[pad_a, pad_b], lhs_dilation=(1, 1),
+                              rhs_dilation=(1, 1))
                    for b, pad_b in _phase_taps(kw, sw)] for a, pad_a in _phase_taps(kh, sh)]
         y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # (B, H, sh, W, sw, O)
         y = y.reshape(x.shape[0], x.shape[1] * sh, x.shape[2] * sw, y.shape[-1])

@@ -3,8 +3,8 @@
 BatchNorm statistics and 2×2 max-pooling carry hand-written gradients; ``conv_same`` picks the
 form of a "same" convolution by the size of the image.
 
-Same values as the plain jnp formulas; the gradients are written out because XLA:CPU compiled the
-autodiff of the plain forms badly. On ``(128, 32, 32, 32)`` activations (the first block of
+BatchNorm and pooling give the same values as the plain jnp formulas; their gradients are written
+out because XLA:CPU compiled the autodiff of the plain forms badly. On ``(128, 32, 32, 32)`` activations (the first block of
 ``lenet_cifar10`` at batch 128), normalise → leaky ReLU → pool, forward and backward: 20 ms here
 against 60–85 ms for autodiff of the reshape forms and 230–280 ms with ``reduce_window`` pooling
 (whose gradient is a select-and-scatter); reductions over ``(B, H, W)`` of a 4-D array were the
@@ -127,6 +127,9 @@ def conv_same(x, kernel):
     the convolution wins, 225 ms against 940 ms; ``benchmarks/README.md``).
     """
     kh, kw, c, o = kernel.shape
+    if not (kh % 2 and kw % 2):
+        raise ValueError(f"kernel has shape {kernel.shape}: expected odd spatial sizes "
+                         "(kh, kw, C, O), so that padding k // 2 keeps the image size")
     b, h, w, _ = x.shape
     if h * w > kh * kw:
         return lax.conv_general_dilated(x, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),

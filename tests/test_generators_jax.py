@@ -119,21 +119,26 @@ def test_random_chains_match_torch(kind, k, s, p, bias, up, slope):
                                rtol=0)
 
 
+def _upsample_conv_meta(model, size, out_shape):
+    layers, arrays = describe(model, (4, size, size))
+    return {"schema_version": 1, "format": "flipad_generator", "arch": "Sequential",
+            "latent_shape": [4, size, size], "out_shape": list(out_shape),
+            "output_range": None, "bn_mode": "eval", "layers": layers}, arrays
+
+
 @settings(max_examples=15, deadline=None)
-@given(sh=st.integers(1, 3), sw=st.integers(1, 3), k=st.sampled_from([1, 3, 5]),
-       groups=st.sampled_from([1, 2]), bias=st.booleans(), size=st.integers(2, 5),
-       seed=st.integers(0, 2**16))
-def test_fused_upsampling_matches_torch_values_and_gradients(sh, sw, k, groups, bias, size,
+@given(sh=st.integers(1, 3), sw=st.integers(1, 3), kh=st.sampled_from([1, 3, 5]),
+       kw=st.sampled_from([1, 3, 5]), groups=st.sampled_from([1, 2]), bias=st.booleans(),
+       size=st.integers(2, 5), seed=st.integers(0, 2**16))
+def test_fused_upsampling_matches_torch_values_and_gradients(sh, sw, kh, kw, groups, bias, size,
                                                              seed):
     """Upsample then a "same" Conv2d, run as one UpsampledConv: torch's forward, and torch's
     gradient with respect to the input (what SM-Inv₂ differentiates)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Upsample(scale_factor=(sh, sw)),
-                          nn.Conv2d(4, 6, k, 1, k // 2, groups=groups, bias=bias))
-    layers, arrays = describe(model, (4, size, size))
-    meta = {"schema_version": 1, "format": "flipad_generator", "arch": "Sequential",
-            "latent_shape": [4, size, size], "out_shape": [6, sh * size, sw * size],
-            "output_range": None, "bn_mode": "eval", "layers": layers}
+                          nn.Conv2d(4, 6, (kh, kw), 1, (kh // 2, kw // 2), groups=groups,
+                                    bias=bias))
+    meta, arrays = _upsample_conv_meta(model, size, (6, sh * size, sw * size))
     z = torch.randn(2, 4, size, size, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 6, sh * size, sw * size, dtype=torch.float64)
     out = model.double()(z)
@@ -146,6 +151,23 @@ def test_fused_upsampling_matches_torch_values_and_gradients(sh, sw, k, groups, 
         np.testing.assert_allclose(vjp(g.numpy())[0], z.grad.numpy(), atol=FLOAT64_TOL, rtol=0)
         unfused = from_arrays(meta, arrays, dtype=np.float64, fuse_upsampling=False)
         assert len(unfused.layers) == 2
+
+
+@pytest.mark.parametrize("k, stride, padding", [(4, 1, 2), (3, 1, 0), (3, 2, 1)])
+def test_upsampling_is_not_fused_with_other_convolutions(k, stride, padding):
+    """An even kernel, a padding other than k // 2 or a stride keep the two layers (and still
+    match torch)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 3, k, stride, padding))
+    with torch.no_grad():
+        out = model.double()(torch.randn(2, 4, 3, 3, dtype=torch.float64))
+    meta, arrays = _upsample_conv_meta(model, 3, out.shape[1:])
+    z = np.random.default_rng(0).standard_normal((2, 4, 3, 3))
+    with jax.enable_x64(True):
+        gen = from_arrays(meta, arrays, dtype=np.float64)
+        assert not any(isinstance(layer, UpsampledConv) for layer in gen.layers)
+        np.testing.assert_allclose(np.asarray(gen(z)), _torch_forward(model, z, torch.float64),
+                                   atol=FLOAT64_TOL, rtol=0)
 
 
 @pytest.mark.slow

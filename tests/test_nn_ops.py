@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from flipad_jax.nn_ops import batch_normalize, conv_same, max_pool_2x2
@@ -58,16 +58,19 @@ def test_batch_normalize_gradient_matches_torch(seed, shape):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([3, 5]), h=st.integers(1, 7),
-       w=st.integers(1, 7), c=st.integers(1, 4), o=st.integers(1, 4))
-def test_conv_same_value_and_gradients_match_torch(seed, k, h, w, c, o):
-    """Both forms (the dense product for images with at most k² pixels, else the convolution)
+@given(seed=st.integers(0, 2**31 - 1), kh=st.sampled_from([1, 3, 5]), kw=st.sampled_from([3, 5]),
+       h=st.integers(1, 7), w=st.integers(1, 7), c=st.integers(1, 4), o=st.integers(1, 4))
+@example(seed=0, kh=3, kw=3, h=2, w=2, c=2, o=3)  # dense product
+@example(seed=0, kh=3, kw=3, h=7, w=7, c=2, o=3)  # convolution
+@example(seed=1, kh=1, kw=5, h=2, w=3, c=3, o=2)  # dense, non-square kernel
+def test_conv_same_value_and_gradients_match_torch(seed, kh, kw, h, w, c, o):
+    """Both forms (the dense product for images with at most kh·kw pixels, else the convolution)
     against ``conv2d(padding=k // 2)`` and its autograd, for the input and the kernel."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, c, h, w, dtype=torch.float64, generator=gen).requires_grad_(True)
-    weight = torch.randn(o, c, k, k, dtype=torch.float64, generator=gen).requires_grad_(True)
+    weight = torch.randn(o, c, kh, kw, dtype=torch.float64, generator=gen).requires_grad_(True)
     g = torch.randn(2, o, h, w, dtype=torch.float64, generator=gen)
-    out = torch.nn.functional.conv2d(x, weight, padding=k // 2)
+    out = torch.nn.functional.conv2d(x, weight, padding=(kh // 2, kw // 2))
     (out * g).sum().backward()
     hwio = lambda t: jnp.asarray(t.detach().numpy().transpose(2, 3, 1, 0))
     with jax.enable_x64(True):
@@ -76,3 +79,8 @@ def test_conv_same_value_and_gradients_match_torch(seed, k, h, w, c, o):
         gx, gw = vjp(_nhwc(g))
         np.testing.assert_allclose(gx, _nhwc(x.grad), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(gw, hwio(weight.grad), rtol=1e-12, atol=1e-12)
+
+
+def test_conv_same_refuses_an_even_kernel():
+    with pytest.raises(ValueError, match=r"odd spatial sizes"):
+        conv_same(jnp.zeros((1, 4, 4, 2)), jnp.zeros((4, 4, 2, 3)))
