@@ -131,7 +131,8 @@ def main(argv=None) -> int:
             "" if args.weights is None else "_" + Path(args.weights).name)
         folder = Path(args.work) / name
         command = (f"flipad demo --n-train {n} --n-val {args.n_eval} --n-test {args.n_eval} "
-                   f"--real-train {args.real_train}" + (f" --seed {seed}" if seed else "")
+                   f"--real-train {args.real_train} --sminv-n-test 0"
+                   + (f" --seed {seed}" if seed else "")
                    + (" --paper-scale" if args.widths == "paper" else "")
                    + ("" if args.weights is None else f" --weights {args.weights}")
                    + f" --out {folder}")
