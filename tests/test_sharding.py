@@ -118,6 +118,36 @@ def test_invert_in_batches_cuts_padding_from_every_output():
     np.testing.assert_array_equal(res.iterations, np.asarray(whole.iterations))
 
 
+def test_cpu_chunks_change_the_time_not_the_result(monkeypatch):
+    """On a CPU a batch is solved in cache-sized chunks under a per-sample stop rule, with the
+    same result; the reference's batch-wide rule keeps the whole batch in one solve."""
+    import flipad_jax.head as head_module
+
+    w = _tiny_head_weight()
+    head, x = tiny_head(w), _tiny_images(w, 11, seed=1, noise=0.05)
+    row_bytes = 4 * int(np.prod(head.in_shape))
+    monkeypatch.setattr(head_module, "CPU_SOLVE_BYTES", 3 * row_bytes + row_bytes // 2)
+    assert head.solve_rows() == 3
+    seen = spy_on(head)
+    for stop in ("gap", "change"):
+        kw = dict(max_iter=55, stop=stop, tol=1e-4)
+        whole = head.invert(x, **kw)
+        seen.clear()
+        res = head.invert_batches(x, batch_size=8, **kw)
+        assert [rows for rows, _, _ in seen] == [bucket_size(3, 3, 1)] * 3 + [bucket_size(2, 3, 1)]
+        np.testing.assert_allclose(res.z, np.asarray(whole.z), atol=1e-6)
+        np.testing.assert_array_equal(res.iterations, np.asarray(whole.iterations))
+
+    kw = dict(stop="reference", tol=1e-3, max_iter=300)
+    seen.clear()
+    res = head.invert_batches(x, batch_size=8, **kw)
+    assert [rows for rows, _, _ in seen] == [8, bucket_size(3, 8, 1)]
+    first = head.invert(x[:8], **kw)  # one batch-wide stop over all 8 rows
+    np.testing.assert_array_equal(res.iterations[:8], np.asarray(first.iterations))
+    np.testing.assert_allclose(res.z[:8], np.asarray(first.z), atol=1e-6)
+    assert len(set(np.asarray(first.iterations).tolist())) == 1
+
+
 @pytest.mark.slow
 def test_inversion_on_eight_devices_equals_one_device(tmp_path):
     w = _tiny_head_weight()
