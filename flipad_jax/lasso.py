@@ -39,15 +39,6 @@ Certificates, per sample, at a point δ (ρ = r − Aδ, g = −Aᵀρ = ∇f(δ
   residual and gradient themselves, measured below);
 * KKT residual: ‖dist(−g, λ ∂‖δ‖₁)‖∞, i.e. |gⱼ + λ sign δⱼ| on the support, max(|gⱼ| − λ, 0) off it.
 
-Dual extrapolation (``extrapolation=K``, default 5; Massias, Gramfort & Salmon 2018, as in
-celer), under the certified stop: the rescaled residual is a poor dual point long after the
-iterate is near optimal, so every :data:`_DUAL_EVERY` iterations the loop also keeps the residual
-and, from the last K + 1 kept, extrapolates ρ_acc = Σₖ cₖ ρₖ (c from the Gram matrix of their
-differences, (UᵀU) c ∝ 1, Σ c = 1), rescales it to feasibility, θ = ρ_acc · min(1, λ/‖Aᵀρ_acc‖∞),
-and keeps per sample the best dual value D(θ) = ⟨r, θ⟩ − ½‖θ‖² seen (the kept residual's own
-rescaled point included). The gap is then P(δ) − max(D_best, D(αρ)): still a bound on
-P(δ) − P*, since every θ is feasible. A singular or non-finite extrapolation is skipped.
-
 Stopping rules (``stop=``), each checked after every iteration:
 
 * ``"gap"`` (default): a sample stops when gap(δ⁺) ≤ tol · P(δ⁺) + ε · ½‖r‖²: its objective is
@@ -114,7 +105,6 @@ from flipad_jax.operators import Linear
 
 _STOP_RULES = ("gap", "change", "reference")
 _STAGE_TOL = 3e-2  # relative gap that ends a stage of the λ path (continuation)
-_DUAL_EVERY = 10  # iterations between kept residuals for the dual extrapolation (celer's f)
 _STARTS = ("anchor", "reference")
 
 
@@ -149,9 +139,6 @@ class LassoOptions:
       continuation: η in (0, 1): solve along a path of λ, per sample, from ‖Aᵀr‖∞/2 down to λ
         by factors η, each stage warm-starting the next once its relative gap is ≤ 0.03; None:
         at λ from the start. Only with the certified stop ("gap"): the path is steered by it.
-      extrapolation: K, the residuals combined into an extrapolated dual point for the
-        certified stop's gap (module docstring); 0: the rescaled residual alone. The other stop
-        rules compute no gap in the loop and ignore it.
     """
 
     max_iter: int = 10000
@@ -162,11 +149,9 @@ class LassoOptions:
     start: str = "anchor"
     lipschitz_margin: float = 1.01
     continuation: Optional[float] = None
-    extrapolation: int = 5
 
     def __post_init__(self):
         check_int("max_iter", self.max_iter, minimum=0)
-        check_int("extrapolation", self.extrapolation, minimum=0)
         if self.stop not in _STOP_RULES:
             raise ValueError(f"stop={self.stop!r}: expected one of {_STOP_RULES}")
         if self.start not in _STARTS:
@@ -256,8 +241,6 @@ class _State(NamedTuple):
     iterations: jax.Array
     status: jax.Array
     k: jax.Array          # loop counter
-    residuals: jax.Array  # (K + 1, B, *out) ring of kept residuals Aδ − r (dual extrapolation)
-    dual: jax.Array       # (B,) best dual value seen at the current λ (−inf: none yet)
 
 
 def _per_sample_sum(x):
@@ -299,38 +282,11 @@ def _certificates(delta, residual, grad, lam):
     return objective, gap, _per_sample_max(kkt_coord)
 
 
-def _dual_value(op, r, residual, lam):
-    """D(θ) at θ = −residual rescaled into the dual feasible set (‖Aᵀθ‖∞ ≤ λ), per sample;
-    residual ``(B, *out)`` any point of the output space (internal layout)."""
-    grad_inf = _per_sample_max(jnp.abs(op.adjoint(residual)))
-    scale = jnp.where(grad_inf > lam, lam / jnp.maximum(grad_inf, jnp.finfo(r.dtype).tiny), 1)
-    # θ = −scale · residual: D = ⟨r, θ⟩ − ½‖θ‖²
-    return -scale * _per_sample_sum(r * residual) - 0.5 * jnp.square(scale) * \
-        _per_sample_sum(jnp.square(residual))
-
-
-def _extrapolated_residual(ring, newest):
-    """Σₖ cₖ ρₖ over the last K kept residuals, c ∝ (UᵀU)⁻¹ 1 with U their K differences
-    (Anderson-type extrapolation of a converging sequence); ``ring`` ``(K + 1, B, *out)``, the
-    slot of the newest ``newest``. Non-finite where the Gram matrix is singular."""
-    k1 = ring.shape[0]
-    ordered = jnp.take(ring, (newest + 1 + jnp.arange(k1)) % k1, axis=0)  # oldest first
-    flat = ordered.reshape(k1, ordered.shape[1], -1)
-    diffs = flat[1:] - flat[:-1]
-    gram = jnp.einsum("kbn,jbn->bkj", diffs, diffs)
-    c = jnp.linalg.solve(gram, jnp.ones(gram.shape[:2] + (1,), gram.dtype))[..., 0]
-    c = c / jnp.sum(c, axis=1, keepdims=True)
-    return jnp.einsum("bk,kbn->bn", c, flat[1:]).reshape(ordered.shape[1:])
-
-
-@functools.partial(jax.jit, static_argnames=("restart", "stop", "continuation",
-                                             "extrapolation"))
-def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuation=None,
-           extrapolation=0):
+@functools.partial(jax.jit, static_argnames=("restart", "stop", "continuation"))
+def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuation=None):
     """The FISTA loop on internal-layout arrays; see the module docstring.
 
-    Returns the solution (internal layout), the per-sample iterations, the best dual value seen
-    (−inf without the dual extrapolation) and the status.
+    Returns the solution (internal layout) and the per-sample iterations and status.
     """
     dtype = r.dtype
     step = jnp.asarray(step, dtype)
@@ -341,23 +297,9 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
         residual = op.apply(z) - r
         return residual, op.adjoint(residual)
 
-    extrapolation = extrapolation if stop == "gap" else 0
     if stop == "gap":
         rounding = jnp.finfo(dtype).eps * 0.5 * _per_sample_sum(jnp.square(r))
         grad_scale = _per_sample_max(jnp.abs(op.adjoint(r)))
-
-    def keep_dual(k, residuals, dual, residual, lam):
-        """Every _DUAL_EVERY iterations: keep the residual and raise the best dual value with
-        its rescaled point and, once K + 1 are kept, the extrapolated one."""
-        def keep(residuals, dual):
-            slot = (k // _DUAL_EVERY) % (extrapolation + 1)
-            residuals = lax.dynamic_update_index_in_dim(residuals, residual, slot, 0)
-            dual = jnp.maximum(dual, _dual_value(op, r, residual, lam))
-            extrapolated = _dual_value(op, r, _extrapolated_residual(residuals, slot), lam)
-            usable = (k // _DUAL_EVERY >= extrapolation) & jnp.isfinite(extrapolated)
-            return residuals, jnp.where(usable, jnp.maximum(dual, extrapolated), dual)
-
-        return lax.cond(k % _DUAL_EVERY == _DUAL_EVERY - 1, keep, lambda *a: a, residuals, dual)
 
     def cond(s):
         return (s.k < max_iter) & jnp.any(s.active)
@@ -381,12 +323,9 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
             t_next = jnp.where(uphill, 1, t_next)
             beta_next = jnp.where(uphill, 0, beta_next)
 
-        stage_lam, residuals, dual = s.lam, s.residuals, s.dual
+        stage_lam = s.lam
         if stop == "gap":
             objective, gap, grad_inf = _objective_and_gap(delta, residual, grad, s.lam)
-            if extrapolation:
-                residuals, dual = keep_dual(s.k, residuals, dual, residual, s.lam)
-                gap = jnp.minimum(gap, jnp.maximum(objective - dual, 0))
             # At λ ≈ 0 the KKT residual is ‖∇f‖∞ to within λ, below rounding here.
             negligible_lam = lam <= jnp.finfo(dtype).eps * grad_scale
             done = (gap <= tol * objective + rounding) | \
@@ -397,7 +336,6 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
                 stage_lam = jnp.where(next_stage, jnp.maximum(lam, s.lam * continuation), s.lam)
                 t_next = jnp.where(next_stage, 1, t_next)  # a new problem: momentum restarts
                 beta_next = jnp.where(next_stage, 0, beta_next)
-                dual = jnp.where(next_stage, -jnp.inf, dual)  # feasible for the old λ only
                 done = done & ~on_path
             nonfinite = ~jnp.isfinite(objective)
         else:
@@ -418,8 +356,7 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
                       lam=jnp.where(s.active, stage_lam, s.lam),
                       active=s.active & ~done & ~nonfinite,
                       iterations=s.iterations + s.active.astype(jnp.int32),
-                      status=jnp.where(s.active, status, s.status), k=s.k + 1,
-                      residuals=residuals, dual=jnp.where(s.active, dual, s.dual))
+                      status=jnp.where(s.active, status, s.status), k=s.k + 1)
 
     grad0 = residual_and_grad(delta0)[1]
     # ‖Aᵀr‖∞ is the λ above which δ = 0 is optimal; the path starts at half of it.
@@ -428,24 +365,19 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
                    grad_step=jnp.zeros_like(grad0),
                    beta=jnp.zeros((batch,), dtype), t=jnp.ones((batch,), dtype), lam=lam0,
                    active=jnp.ones((batch,), bool), iterations=jnp.zeros((batch,), jnp.int32),
-                   status=jnp.full((batch,), Status.MAX_ITER, jnp.int32), k=jnp.zeros((), jnp.int32),
-                   residuals=jnp.zeros((extrapolation + 1,) + r.shape if extrapolation else (0,),
-                                       dtype),
-                   dual=jnp.full((batch,), -jnp.inf, dtype))
+                   status=jnp.full((batch,), Status.MAX_ITER, jnp.int32), k=jnp.zeros((), jnp.int32))
     final = lax.while_loop(cond, body, state)
-    # a sample capped on the λ path holds dual points feasible for its stage's larger λ only
-    dual = jnp.where(final.lam == lam, final.dual, -jnp.inf)
-    return final.delta, final.iterations, dual, final.status
+    return final.delta, final.iterations, final.status
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _minimiser(op, r, lam, delta0, config):
     """δ* = argmin ½‖Aδ − r‖² + λ‖δ‖₁ (internal layout) with the loop's iterations and status;
-    ``config`` = (step, tol, max_iter, restart, stop, continuation, extrapolation). Differentiable in op, r and
+    ``config`` = (step, tol, max_iter, restart, stop, continuation). Differentiable in op, r and
     λ by implicit differentiation (:func:`_minimiser_bwd`); δ* does not depend on the start δ0."""
-    step, tol, max_iter, restart, stop, continuation, extrapolation = config
+    step, tol, max_iter, restart, stop, continuation = config
     return _fista(op, r, lam, delta0, step, tol, max_iter, restart=restart, stop=stop,
-                  continuation=continuation, extrapolation=extrapolation)
+                  continuation=continuation)
 
 
 def _minimiser_fwd(op, r, lam, delta0, config):
@@ -636,12 +568,10 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
         step = 1.0 / (opts.lipschitz_margin * lipschitz)
 
     r = op.out_to_internal(o - op.affine(anchor))
-    delta, iterations, dual, status = _minimiser(
-        op, r, lam, op.to_internal(delta0),
-        (float(step), float(tol), max_iter, restart, stop, opts.continuation, opts.extrapolation))
+    delta, iterations, status = _minimiser(op, r, lam, op.to_internal(delta0),
+                                           (float(step), float(tol), max_iter, restart, stop,
+                                            opts.continuation))
     objective, gap, kkt = _certify(op, r, lam, delta)
-    # the loop's best dual point, when it beats the final residual's (a bound all the same)
-    gap = jnp.minimum(gap, jnp.maximum(objective - lax.stop_gradient(dual), 0))
     z = op.from_internal(delta) + anchor
     result = LassoResult(z=z, iterations=iterations, objective=objective, gap=gap, kkt=kkt,
                          status=status, lipschitz=lipschitz, step=float(step))
