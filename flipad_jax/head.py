@@ -30,10 +30,10 @@ from flipad_jax.lasso import LassoOptions, LassoResult, solve_lasso
 from flipad_jax.sharding import device_batches
 
 DEFAULT_LAM = 5e-4  # the paper's λ for the small GANs and Redwine; FeatureConfig.lam's default
-# Bytes of z per solve on a CPU, where the solver is bound by memory traffic: chunks whose
-# iterate fits the L2-to-L3 range run 1.3-2.4× faster per image than batches of 1000
-# (LSGAN's 32×32×32 head 16.2 → 6.8 ms an image at 12 rows, the 64×64×3 DCGAN head 52.8 → 18.5
-# ms at 8, the demo DCGAN's 16×16×32 flat; 2-core EPYC, 2 MiB L2 a core, 32 MiB L3).
+# Bytes of z per solve on a CPU, where the solver is bound by memory traffic: chunks this size
+# ran 2.67× (demo LSGAN head) and 1.82× (64×64×3 DCGAN head) faster per image than batches of
+# 1000 and 400, 1.14× on the small demo DCGAN head (benchmarks/solve_rows.py; 2-core EPYC,
+# 2 MiB L2 a core, 32 MiB L3).
 CPU_SOLVE_BYTES = 2 << 20
 
 
