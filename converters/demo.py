@@ -472,7 +472,7 @@ def run_demo(out, *, quick: bool = False, retrain: bool = False, data=None,
 
 DEMO_EXAMPLES = f"""\
 examples:
-  flipad demo --quick                 # about 2 minutes on 2 CPU cores
+  flipad demo --quick                 # about 2.5 minutes on 2 CPU cores
   flipad demo --out flipad-demo       # the full demo (1000 / 1000 / 1000 samples, ~20 min)
   flipad demo --sminv-restarts 10 --sminv-steps 1000 --out d   # SM-Inv₂ at the paper's 10 × 1000
   flipad demo --n-train 5000 --out d5k      # any sizes (n_val >= 200 for fnr 0.005)
