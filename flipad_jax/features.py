@@ -248,7 +248,9 @@ class FeatureConfig:
         reference's Stable Diffusion setting).
       size: RawPAD resize target (None: none).
       crop: DCTPAD centre crop (None: whole image).
-      invert_batch_size: images per lasso solve (the reference's 1000).
+      invert_batch_size: images per batch of lasso solves (the reference's 1000, the unit of its
+        batch-wide stop rule; on a CPU per-sample-stop solves are cut to cache size,
+        :meth:`~flipad_jax.Head.invert_batches`).
       standardize: which training features give the standardisation statistics: "inliers",
         "all" or None (none); "auto": the kind's default (:data:`STANDARDIZE_ON`: FLIPAD
         inliers, DCTPAD all, RawPAD none; the reference's tabular launcher: none).
