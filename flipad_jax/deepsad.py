@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from flipad_jax._checks import check_finite, check_floating, check_int, check_labels
 from flipad_jax._optax import standard_promotion
+from flipad_jax.cpu_convolutions import eigen_jit
 from flipad_jax.sharding import map_batches
 
 DIST_EPS = 1e-6  # added to d before the power ỹ (the reference's ``eps``)
@@ -109,41 +110,20 @@ def adam_l2(schedule, weight_decay: float = 5e-7, b1: float = 0.9, b2: float = 0
         optax.scale_by_schedule(lambda count: -schedule(count))))
 
 
-# XLA:CPU runs the convolutions of an eval-mode forward ~20% faster through Eigen than through
-# its default library (YNNPACK, jax 0.10); the train step is the same either way (both measured
-# in benchmarks/README.md). An XLA option that older or newer releases may not know.
-_EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
 # Rows per eval-mode call on a CPU: a 1024-row batch's activations (134 MB for lenet_cifar10's
 # first block) overflow the cache, 128 rows' stay in it.
 CPU_EVAL_ROWS = 128
 
 
-@functools.lru_cache(maxsize=1)
-def _eval_compiler_options() -> dict:
-    """:data:`_EIGEN_CONVOLUTIONS` on a CPU backend whose XLA accepts it, else ``{}``."""
-    if jax.default_backend() != "cpu":
-        return {}
-    try:
-        jax.jit(jnp.negative, compiler_options=_EIGEN_CONVOLUTIONS).lower(jnp.zeros(1)).compile()
-    except (RuntimeError, TypeError):  # an XLA without the option, or a jax.jit without the kwarg
-        return {}
-    return _EIGEN_CONVOLUTIONS
-
-
+@eigen_jit(static_argnums=0)
 def _embed(net, variables, x):
     return net.apply(variables, x, train=False)
 
 
+@eigen_jit(static_argnums=0)
 def _score(net, model, x):
     z = net.apply(model.variables, x, train=False)
     return jnp.sum(jnp.square(z - model.center[None]), axis=-1)
-
-
-@functools.lru_cache(maxsize=4)
-def _eval_jit(fn):
-    options = _eval_compiler_options()
-    return jax.jit(fn, static_argnums=0, **({"compiler_options": options} if options else {}))
 
 
 def _in_chunks(fn, xb):
@@ -156,7 +136,7 @@ def _in_chunks(fn, xb):
 
 def embed(net: nn.Module, variables, x, *, batch_size: int = 1024, progress: bool = False):
     """φ(x) in eval mode: ``(n, *in_shape)`` → ``(n, rep_dim)`` numpy float32, batched."""
-    fn = functools.partial(_eval_jit(_embed), net, variables)
+    fn = functools.partial(_embed, net, variables)
     return map_batches(lambda xb: _in_chunks(fn, xb), x, batch_size, progress=progress,
                        desc="embed")
 
@@ -165,7 +145,7 @@ def score(net: nn.Module, model: DeepSADModel, x, *, batch_size: int = 1024,
           progress: bool = False):
     """s(x) = ‖φ(x) − c‖² in eval mode: ``(n, *in_shape)`` → ``(n,)`` numpy float32, batched,
     jit-compiled, sharded over the local devices when there are several."""
-    fn = functools.partial(_eval_jit(_score), net, model)
+    fn = functools.partial(_score, net, model)
     return map_batches(lambda xb: _in_chunks(fn, xb), x, batch_size, progress=progress,
                        desc="score")
 
@@ -268,7 +248,7 @@ def _trainer(net, eta, n_batches, lr, milestones, gamma, weight_decay):
     # A Python loop over this step, not a lax.scan: XLA:CPU runs convolutions inside a while
     # loop far slower than as top-level ops (re-measured on jax 0.10.2: 2 steps 83 s against
     # 1.1 s unrolled). Unrolling k steps in one jit did not pay for its compile time either.
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    @eigen_jit(donate_argnums=(0, 1, 2))
     def step(params, batch_stats, opt_state, center, x, y, idx):
         xb, yb = x[idx], y[idx]  # gather on the device: the training set is never copied
 

@@ -39,7 +39,6 @@ jitted steps and not a ``lax.scan``).
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -53,6 +52,7 @@ from tqdm.auto import tqdm
 from flipad_jax._checks import check_finite, check_floating, check_int, check_positive
 from flipad_jax._files import atomic_dir, check_new_path
 from flipad_jax._optax import standard_promotion
+from flipad_jax.cpu_convolutions import eigen_jit
 from flipad_jax.detector import DEFAULT_FNRS, check_fnrs
 from flipad_jax.generators import Generator
 from flipad_jax.metrics import (check_fnr, made_by_g, min_validation_samples, p_values,
@@ -112,7 +112,7 @@ def _target(images, features):
     return (images if features is None else features(images)).reshape((images.shape[0], -1))
 
 
-@functools.partial(jax.jit, static_argnames=("features",), donate_argnums=(1, 2))
+@eigen_jit(static_argnames=("features",), donate_argnums=(1, 2))
 def _adam_step(generator: Generator, z, state, target, lr, *, features: Optional[Callable]):
     """One Adam step on every latent ``(R·B, *latent)``; each gets the gradient of its own d
     (the loss is the sum of the per-latent distances)."""
@@ -123,7 +123,7 @@ def _adam_step(generator: Generator, z, state, target, lr, *, features: Optional
     return optax.apply_updates(z, updates), state
 
 
-@functools.partial(jax.jit, static_argnames=("restarts", "features"))
+@eigen_jit(static_argnames=("restarts", "features"))
 def _best(generator: Generator, z, target, *, restarts: int, features: Optional[Callable]):
     """The restart with the lowest final d per sample: (ẑ ``(B, *latent)``, d ``(B,)``,
     restart ``(B,)``, d per restart ``(B, R)``)."""
