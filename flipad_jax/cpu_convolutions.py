@@ -5,10 +5,11 @@ XLA:CPU (jax 0.10) lowers convolutions to YNNPACK fusions by default; its compil
 instead. Which is faster depends on the convolutions, so the choice is per compiled function,
 by measurement on the 2-core CPU (``benchmarks/README.md``, "Convolution library on a CPU"):
 
-* Eigen: networks that are trained or differentiated through, many-channel 5×5 and 4×4 kernels
-  (DeepSAD's train step ×1.3 and eval forward ×1.25, SM-Inv's Adam steps ×1.4);
-* YNNPACK (the default, so nothing to do): the lasso's few-channel transposed convolution and its
-  adjoint (Eigen is 1.2–1.6× slower on the demo DCGAN and LSGAN heads).
+* Eigen: networks that are trained or differentiated through, whose 5×5 and 3×3 convolutions
+  have many channels (DeepSAD's train step ×1.5 and eval forward ×1.25, SM-Inv's Adam steps on
+  LSGAN ×1.5);
+* YNNPACK (the default, so nothing to do): the lasso's few-channel transposed convolution and
+  its adjoint (Eigen is 1.2–1.7× slower on the demo DCGAN and LSGAN heads).
 
 Other backends, and an XLA that does not know the option, compile as ``jax.jit`` would.
 """
