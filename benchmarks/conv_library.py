@@ -3,8 +3,10 @@
 5×5 "same" convolutions (the reference's LeNets, batch 128, NHWC inside as our networks run).
 
 Per geometry: forward, input gradient and weight gradient, each its own compiled function, ms
-(median of ``--repeats`` after a warm-up); PyTorch: forward and forward + both gradients. The
-evidence for which compiled functions :mod:`flipad_jax.cpu_convolutions` routes to Eigen.
+(median of ``--repeats`` after a warm-up, the arrays already on the device); PyTorch: forward,
+and forward + the gradients a train step needs (both, except the first layer's: no input
+gradient when C_in = 3, the image). The evidence for which compiled functions
+:mod:`flipad_jax.cpu_convolutions` routes to Eigen.
 
     python benchmarks/conv_library.py --out benchmarks/results/conv_library_cpu.json
 """
@@ -63,19 +65,22 @@ def main(argv=None) -> int:
     if jax.default_backend() != "cpu" or not eigen_jit_options():
         raise SystemExit("needs an XLA:CPU backend that accepts the Eigen option")
     torch.set_num_threads(os.cpu_count())
+    load_start = os.getloadavg()
     rows = []
     for c_in, size, c_out in GEOMETRIES:
         rng = np.random.default_rng(0)
         x = rng.normal(size=(args.batch, size, size, c_in)).astype(np.float32)
         w = (0.1 * rng.normal(size=(5, 5, c_in, c_out))).astype(np.float32)
         g = rng.normal(size=(args.batch, size, size, c_out)).astype(np.float32)
+        xj, wj, gj = (jax.device_put(a) for a in (x, w, g))  # no host copy inside the timing
         row = {"c_in": c_in, "size": size, "c_out": c_out}
         for library, jit in (("ynnpack", jax.jit), ("eigen", eigen_jit)):
             fwd, gin, gw = jit(_conv), jit(_input_grad), jit(_weight_grad)
-            row[library] = {"forward_ms": median_ms(lambda: fwd(x, w), args.repeats),
-                            "input_grad_ms": median_ms(lambda: gin(x, w, g), args.repeats),
-                            "weight_grad_ms": median_ms(lambda: gw(x, w, g), args.repeats)}
-        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+            row[library] = {"forward_ms": median_ms(lambda: fwd(xj, wj), args.repeats),
+                            "input_grad_ms": median_ms(lambda: gin(xj, wj, gj), args.repeats),
+                            "weight_grad_ms": median_ms(lambda: gw(xj, wj, gj), args.repeats)}
+        first_layer = c_in == 3
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(not first_layer)
         wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
         gt = torch.from_numpy(g.transpose(0, 3, 1, 2).copy())
 
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
 
         def torch_forward_backward():
             y = torch.nn.functional.conv2d(xt, wt, padding=2)
-            return torch.autograd.grad(y, (xt, wt), gt)
+            return torch.autograd.grad(y, (wt,) if first_layer else (xt, wt), gt)
 
         row["torch"] = {"forward_ms": median_ms(torch_forward, args.repeats),
                         "forward_backward_ms": median_ms(torch_forward_backward, args.repeats)}
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
         "geometries": rows, "batch": args.batch, "repeats": args.repeats,
         "device": f"{platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
                   f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
-        "load_average_end": os.getloadavg(),
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "command": "python benchmarks/conv_library.py " + shlex.join(
             sys.argv[1:] if argv is None else argv)})
     return 0

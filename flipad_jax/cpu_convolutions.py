@@ -2,12 +2,15 @@
 
 XLA:CPU (jax 0.10) lowers convolutions to YNNPACK fusions by default; its compiler option
 ``xla_cpu_experimental_ynn_fusion_type`` set to the dot fusions alone sends them to Eigen
-instead. Which is faster depends on the convolutions, so the choice is per compiled function,
-by measurement on the 2-core CPU (``benchmarks/README.md``, "Convolution library on a CPU"):
+instead (and leaves YNNPACK's elementwise and reduction fusions off too). The option applies to
+the outermost compiled function: one of these called inside another ``jax.jit`` compiles with
+the outer one's options. Which is faster depends on the convolutions, so the choice is per
+compiled function, by measurement on the 2-core CPU (``benchmarks/README.md``, "Convolution
+library on a CPU"):
 
 * Eigen: networks that are trained or differentiated through, whose 5×5 and 3×3 convolutions
-  have many channels (DeepSAD's train step ×1.5 and eval forward ×1.25, SM-Inv's Adam steps on
-  LSGAN ×1.5);
+  have many channels (DeepSAD's train step 1.5× and eval forward 1.25× faster, SM-Inv's Adam
+  steps 1.5× on LSGAN, even on DCGAN);
 * YNNPACK (the default, so nothing to do): the lasso's few-channel transposed convolution and
   its adjoint (Eigen is 1.2–1.7× slower on the demo DCGAN and LSGAN heads).
 
@@ -53,7 +56,9 @@ class _EigenJit:
     def __call__(self, *args, **kwargs):
         return self._jitted(*args, **kwargs)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for names the instance lacks
+        if name.startswith("__") or name in ("_fn", "_jit_kwargs", "_jitted"):  # copy; a
+            raise AttributeError(name)  # failed build must raise its own error, not recurse
         return getattr(self._jitted, name)
 
 

@@ -10,6 +10,7 @@ install regression (torch, scikit-learn or the Fashion-MNIST package missing), n
 """
 
 import os
+import re
 
 import jax
 import pytest
@@ -29,6 +30,20 @@ if os.environ.get("CI"):
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+def _ynnpack_convolutions(fn, *args, **kwargs) -> int:
+    """How many convolutions ``fn.lower(*args, **kwargs)`` compiles into YNNPACK fusions (XLA's
+    CPU library; Eigen convolutions stay plain ``convolution`` instructions)."""
+    hlo = fn.lower(*args, **kwargs).compile().as_text()
+    bodies = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo, flags=re.M | re.S))
+    called = re.findall(r"ynn_fusion[\w.]* = .*?calls=%?([\w.\-]+)", hlo)
+    return sum(bodies.get(name, "").count(" convolution(") for name in called)
+
+
+@pytest.fixture
+def ynnpack_convolutions():
+    return _ynnpack_convolutions
 
 
 def pytest_sessionfinish(session, exitstatus):

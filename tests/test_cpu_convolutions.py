@@ -1,5 +1,5 @@
 """The per-function convolution library of XLA:CPU (flipad_jax.cpu_convolutions): the option
-takes effect, and values and gradients are still those of torch's conv2d."""
+takes effect where it is used, and values and gradients are still those of torch's conv2d."""
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +24,33 @@ def _conv_and_vjp(x, w, g, *, padding):
     return (y,) + vjp(g)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
-def test_eigen_jit_leaves_no_ynnpack_fusion():
+def test_eigen_jit_leaves_no_ynnpack_convolution(ynnpack_convolutions):
     x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((5, 5, 32, 32))  # YNNPACK takes it by default
-    default = jax.jit(_conv, static_argnums=2).lower(x, w, (2, 2)).compile().as_text()
-    if "ynn_fusion" not in default:
-        pytest.skip("this XLA:CPU does not run convolutions through YNNPACK by default")
-    assert eigen_jit_options(), "an XLA:CPU with YNNPACK fusions should accept the option"
-    routed = eigen_jit(_conv, static_argnums=2).lower(x, w, (2, 2)).compile().as_text()
-    assert "ynn_fusion" not in routed and "convolution(" in routed
+    assert ynnpack_convolutions(eigen_jit(_conv, static_argnums=2), x, w, (2, 2)) == 0
+    if jax.default_backend() != "cpu":
+        assert eigen_jit_options() == {}
+    elif ynnpack_convolutions(jax.jit(_conv, static_argnums=2), x, w, (2, 2)):
+        assert eigen_jit_options()  # the option exists, and it is what removed the fusion
+
+
+def test_deepsad_compiles_with_eigen_convolutions(ynnpack_convolutions):
+    """The call sites use it: DeepSAD's scoring and train step on a many-channel LeNet compile
+    without a YNNPACK convolution where plain jax.jit would make one (SM-Inv's Adam step:
+    tests/test_sminv.py)."""
+    from flipad_jax import deepsad
+    from flipad_jax.networks import build_network
+
+    net = build_network("lenet_cifar10", in_channels=32, input_size=8, widths=(32,), rep_dim=4)
+    x = jnp.ones((4, 32, 8, 8))
+    variables = net.init(jax.random.key(0), x[:1])
+    model = deepsad.DeepSADModel(variables, jnp.zeros(4))
+    step, tx, _ = deepsad._trainer(net, 1.0, 1, 1e-3, (), 0.1, 0.0)
+    args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]),
+            jnp.zeros(4), x, jnp.ones(4, jnp.int32), jnp.arange(4))
+    assert ynnpack_convolutions(step, *args) == 0
+    assert ynnpack_convolutions(deepsad._score, net, model, x) == 0
+    if jax.default_backend() == "cpu" and eigen_jit_options():  # so the checks are not vacuous
+        assert ynnpack_convolutions(jax.jit(step.__wrapped__), *args) > 0
 
 
 @pytest.mark.parametrize("padding", [(2, 1), (0, 0)])

@@ -4,6 +4,7 @@ samples G made, G-made samples scoring below real Fashion-MNIST images, threshol
 import inspect
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,10 +13,12 @@ torch = pytest.importorskip("torch")
 from converters.demo_gans import GEN_OPTIONS, WEIGHTS_DIR  # noqa: E402
 from converters.full_generator import convert_generator  # noqa: E402
 from converters.generators import build_generator  # noqa: E402
+from flipad_jax.cpu_convolutions import eigen_jit_options  # noqa: E402
 from flipad_jax.datasets import fashion_mnist  # noqa: E402
 from flipad_jax.generators import Generator  # noqa: E402
 from flipad_jax.images import pixels_to_range  # noqa: E402
-from flipad_jax.sminv import SMInv2, _adam_step, initial_latents, reconstruct  # noqa: E402,E501
+from flipad_jax.sminv import (SMInv2, _adam, _adam_step, initial_latents,  # noqa: E402
+                              reconstruct)
 
 pytestmark = pytest.mark.torch
 
@@ -98,6 +101,17 @@ def test_g_made_samples_score_below_real_images(demo_dcgan):
                       restarts=2, steps=500, progress=False)
     # Measured: made 0.0024, 0.0013; real 0.0101, 0.0419 (the paper's 1000 steps widen it).
     assert rec.distance[:2].max() < rec.distance[2:].min() / 2, rec.distance
+
+
+def test_adam_step_compiles_with_eigen_convolutions(demo_dcgan, ynnpack_convolutions):
+    """SM-Inv's Adam step runs the generator's convolutions through Eigen on a CPU
+    (flipad_jax.cpu_convolutions), where plain jax.jit uses YNNPACK."""
+    z = jnp.zeros((2, 100, 1, 1))
+    args = (demo_dcgan, z, _adam(0.1).init(z), jnp.zeros((2, 32 * 32)), 0.1)
+    plain = jax.jit(_adam_step.__wrapped__, static_argnames="features")
+    assert ynnpack_convolutions(_adam_step, *args, features=None) == 0
+    if jax.default_backend() == "cpu" and eigen_jit_options():  # so the check is not vacuous
+        assert ynnpack_convolutions(plain, *args, features=None) > 0
 
 
 def test_results_do_not_depend_on_batching(small):
