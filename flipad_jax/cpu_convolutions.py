@@ -12,7 +12,7 @@ library on a CPU"):
   have many channels (DeepSAD's train step 1.5× and eval forward 1.25× faster, SM-Inv's Adam
   steps 1.5× on LSGAN, even on DCGAN);
 * YNNPACK (the default, so nothing to do): the lasso's few-channel transposed convolution and
-  its adjoint (Eigen is 1.2–1.7× slower on the demo DCGAN and LSGAN heads).
+  its adjoint (Eigen is 1.15–1.6× slower on the three trained heads of the benchmarks).
 
 Other backends, and an XLA that does not know the option, compile as ``jax.jit`` would.
 """
