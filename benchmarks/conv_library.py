@@ -18,13 +18,13 @@ import os
 import platform
 import shlex
 import sys
-import time
 
 import jax
 import numpy as np
 import torch
 from jax import lax
 
+from conv_variants import median_ms
 from flipad_jax.cpu_convolutions import eigen_jit, eigen_jit_options
 from flipad_jax.report import write_json
 
@@ -44,16 +44,6 @@ def _input_grad(x, w, g):
 
 def _weight_grad(x, w, g):
     return jax.vjp(lambda w: _conv(x, w), w)[1](g)[0]
-
-
-def median_ms(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def main(argv=None) -> int:
@@ -76,9 +66,9 @@ def main(argv=None) -> int:
         row = {"c_in": c_in, "size": size, "c_out": c_out}
         for library, jit in (("ynnpack", jax.jit), ("eigen", eigen_jit)):
             fwd, gin, gw = jit(_conv), jit(_input_grad), jit(_weight_grad)
-            row[library] = {"forward_ms": median_ms(lambda: fwd(xj, wj), args.repeats),
-                            "input_grad_ms": median_ms(lambda: gin(xj, wj, gj), args.repeats),
-                            "weight_grad_ms": median_ms(lambda: gw(xj, wj, gj), args.repeats)}
+            row[library] = {"forward_ms": median_ms(fwd, xj, wj, repeats=args.repeats),
+                            "input_grad_ms": median_ms(gin, xj, wj, gj, repeats=args.repeats),
+                            "weight_grad_ms": median_ms(gw, xj, wj, gj, repeats=args.repeats)}
         first_layer = c_in == 3
         xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(not first_layer)
         wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
@@ -92,8 +82,9 @@ def main(argv=None) -> int:
             y = torch.nn.functional.conv2d(xt, wt, padding=2)
             return torch.autograd.grad(y, (wt,) if first_layer else (xt, wt), gt)
 
-        row["torch"] = {"forward_ms": median_ms(torch_forward, args.repeats),
-                        "forward_backward_ms": median_ms(torch_forward_backward, args.repeats)}
+        row["torch"] = {"forward_ms": median_ms(torch_forward, repeats=args.repeats),
+                        "forward_backward_ms": median_ms(torch_forward_backward,
+                                                         repeats=args.repeats)}
         rows.append(row)
         y, e = row["ynnpack"], row["eigen"]
         print(f"{c_in:4d} → {c_out:4d} on {size:2d}×{size:<2d}  ms fwd / in-grad / w-grad: "
