@@ -13,6 +13,13 @@ only as their dispatch);
 PyTorch: the share of its profiled self time in convolution ops; and PyTorch's step time over
 our convolutions' time, the ratio that ours could reach if everything but the convolutions cost
 nothing.
+
+The floor at the machine's peak: XLA's count of the step's floating-point operations
+(``cost_analysis``) over the fastest float32 matrix product measured in the same process
+(n × n by n for n of 1024, 2048 and 3072, XLA and PyTorch, median of 5, the best). An
+implementation that does the step's arithmetic (direct convolutions, as XLA and PyTorch do) runs
+it no faster than that, so PyTorch's step time over it bounds the train ratio such an
+implementation could reach here.
 """
 
 from __future__ import annotations
@@ -47,14 +54,41 @@ def _ours_step(n=1024, batch=128):
     step, tx, _ = _trainer(net, 1.0, n // batch, 5e-4, (25, 50, 100), 0.1, 5e-7)
     state = [v["params"], v["batch_stats"], tx.init(v["params"])]
     idx = jnp.arange(batch)
-    hlo = step.lower(*state, c, x, y, idx).compile().as_text()
+    compiled = step.lower(*state, c, x, y, idx).compile()
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
 
     def run():
         p, b, o, loss = step(*state, c, x, y, idx)
         loss.block_until_ready()
         state[:] = [p, b, o]
 
-    return run, hlo
+    return run, compiled.as_text(), flops
+
+
+def peak_gflops(torch, sizes=(1024, 2048, 3072), repeats=5) -> dict:
+    """Float32 matrix-product GFLOP/s, n × n by n, median of ``repeats`` per n, the best n:
+    XLA's and PyTorch's."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    dot = jax.jit(jnp.dot)
+    out = {"xla": 0.0, "torch": 0.0}
+    for n in sizes:
+        a, b = (rng.normal(size=(n, n)).astype(np.float32) for _ in range(2))
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        runs = {"xla": lambda: dot(ja, jb).block_until_ready(), "torch": lambda: torch.mm(ta, tb)}
+        for name, run in runs.items():
+            run()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            out[name] = max(out[name], 2 * n ** 3 / float(np.median(times)) / 1e9)
+    return out
 
 
 def _conv_fusions(hlo: str) -> set:
@@ -140,7 +174,7 @@ def main(argv=None):
     import jax
     import torch
 
-    ours_run, hlo = _ours_step()
+    ours_run, hlo, flops = _ours_step()
     torch_run, torch_conv_share = profile_torch(torch, args.steps)
     ours_conv, ours_ops = profile_ours(ours_run, hlo, args.steps)
     t_ours, t_torch = [], []
@@ -160,6 +194,11 @@ def main(argv=None):
     res["step_ratio"] = res["torch_step_ms"] / res["ours_step_ms"]
     res["ratio_bound_if_only_convs_remained"] = (res["torch_step_ms"]
                                                  / res["ours_step_less_other_ops_ms"])
+    peak = peak_gflops(torch)
+    res["step_gflop"] = flops / 1e9
+    res["matmul_gflops"] = peak
+    res["step_floor_ms_at_peak"] = flops / max(peak.values()) / 1e6
+    res["ratio_bound_at_peak"] = res["torch_step_ms"] / res["step_floor_ms_at_peak"]
     print(json.dumps(res, indent=2))
     if args.out:
         from flipad_jax._files import atomic_file
