@@ -9,8 +9,8 @@ and keyed by the settings, so a second run reuses the bundle, the PNGs and the d
 * 8-bit PNGs of G's samples (seeded latents, :func:`converters.sampling.sample`) and of real
   Fashion-MNIST test images (bicubic 28→64, grey repeated to three channels), for fitting and
   for the timed test set (half G's, half real);
-* a FLIPAD detector fitted with our API (:class:`flipad_jax.Detector`, our default solver, a
-  short DeepSAD training: the detector's quality is not what is measured here).
+* a FLIPAD detector fitted with our API (:class:`flipad_jax.Detector`, the solver of ``--stop``
+  and ``--tol``, a short DeepSAD training: the detector's quality is not what is measured here).
 
 Then the test PNGs go through both pipelines, batch by batch, each stage timed:
 
@@ -19,9 +19,10 @@ stage                 ours (flipad_jax)                            reference (Py
 ====================  ===========================================  ===========================================
 read                  ``images.read_images`` (Pillow, → [−1, 1])   Pillow → (x/255 − 0.5)/0.5 (ToTensor+Normalize)
 sigma_inv             ``Head.target`` (clip 1e-4, atanh)           clamp to ±(1 − 1e-4), atanh
-invert                ``solve_lasso`` at ``flipad score``'s        ``reference_fista.reference_fista``: step
-                      defaults (``LassoOptions()``: step 1/L,      0.025, α = λ = 5e-4, ≤ 10000 iterations,
-                      restart, certified gap 1e-3 per sample)      batch-wide change ≤ 1e-5, δ₀ = z̄
+invert                ``Head.invert_batches`` as ``flipad score``  ``reference_fista.reference_fista``: step
+                      (cache-sized solves; step 1/L, restart;      0.025, α = λ = 5e-4, ≤ 10000 iterations,
+                      ``--stop``/``--tol``, default certified      batch-wide change ≤ 1e-5, δ₀ = z̄
+                      gap 1e-3 per sample)
 features              max-pool to 32 (none here) + standardise     the same with the same statistics
 deepsad               ``deepsad.score`` (Flax)                     ``deepsad.torch_deepsad`` with our weights
 threshold             score ≤ τ (fnr 0.05)                         the same τ
@@ -37,6 +38,8 @@ ours on identical features is reported as a check of the copy.
     OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
         python benchmarks/pipeline.py --n-images 32 --batch 16 --device cpu \
         --out benchmarks/results/pipeline_cpu.json
+    # the same with our per-sample change rule (tol 1e-5, as the reference's batch-wide one)
+    ... python benchmarks/pipeline.py --stop change --out benchmarks/results/pipeline_cpu_change.json
 
 (one thread each: on the shared 2-core CPU PyTorch's two OpenMP threads collapsed, 62 ms against
 1.7 ms for one ConvTranspose2d call). Threads and load average are recorded.
@@ -105,17 +108,18 @@ def prepare(work: Path, weights: Path, n_fit: int, n_val: int, n_test: int, zbar
             _write_real_pngs(work / split / "real", real[lo:lo + n])
 
 
-def fitted_detector(work: Path, head, n_fit: int, epochs: int, batch: int):
-    """Our FLIPAD detector on fit/g (+1) vs fit/real (−1), thresholds on val/g; saved, or
-    loaded when a previous run saved it."""
+def fitted_detector(work: Path, head, n_fit: int, epochs: int, batch: int, lasso):
+    """Our FLIPAD detector on fit/g (+1) vs fit/real (−1), thresholds on val/g, its features
+    solved with ``lasso`` (a :class:`flipad_jax.LassoOptions`); saved in a folder named by the
+    stop rule and tolerance, or loaded when a previous run saved it."""
     import flipad_jax as fj
     from flipad_jax.images import list_images, read_images
 
-    path = work / "detector"
+    path = work / f"detector_{lasso.stop}_{lasso.tol_for(head.op, head.zbar.dtype):g}"
     if path.exists():
         return fj.Detector.load(path, head=head, progress=False)
     read = lambda d: read_images(list_images(work / d), head.output_range)  # noqa: E731
-    det = fj.Detector(fj.FeatureConfig("flipad", lam=LAM, invert_batch_size=batch),
+    det = fj.Detector(fj.FeatureConfig("flipad", lam=LAM, invert_batch_size=batch, lasso=lasso),
                       training=fj.DeepSADConfig(epochs=epochs, batch_size=min(128, 2 * n_fit)),
                       head=head, fnrs=(FNR,),
                       progress=False)
@@ -144,14 +148,16 @@ def ours_batch(clock: Clock, det, net, refs, lasso):
     from flipad_jax.deepsad import score
     from flipad_jax.features import check_solved, downsample
     from flipad_jax.images import read_images
-    from flipad_jax.lasso import solve_lasso
     from flipad_jax.metrics import made_by_g
 
     head, fc, state = det.head, det.feature_config, det.state_
     x = clock.stage("read", read_images, refs, head.output_range)
-    o = clock.stage("sigma_inv", head.target, x)
-    res = clock.stage("invert", lambda: solve_lasso(head.op, o, fc.lam, anchor=head.zbar,
-                                                    lipschitz=head.lipschitz, options=lasso))
+    # σ⁻¹ timed on its own for the stage table; the product's path below
+    # (Detector.features_and_inversion: cache-sized solves on a CPU) applies it again inside,
+    # which costs 1e-4 of the invert stage
+    clock.stage("sigma_inv", head.target, x)
+    res = clock.stage("invert", lambda: head.invert_batches(x, fc.lam, batch_size=len(refs),
+                                                            options=lasso).lasso)
 
     def features():
         check_solved(res.status)
@@ -250,6 +256,7 @@ def objective64(ref: Reference, o, z):
 def run(args) -> dict:
     from flipad_jax.head import Head
     from flipad_jax.images import list_images
+    from flipad_jax.lasso import LassoOptions
     from flipad_jax.networks import build_network
 
     key = hashlib.sha256(json.dumps([hashlib.sha256(args.weights.read_bytes()).hexdigest(),
@@ -259,7 +266,8 @@ def run(args) -> dict:
     prepare(work, args.weights, args.n_fit, args.n_val, args.n_images // 2, args.zbar_samples)
     head = Head.load(work / "bundle")
     start = time.perf_counter()
-    det = fitted_detector(work, head, args.n_fit, args.epochs, args.batch)
+    det = fitted_detector(work, head, args.n_fit, args.epochs, args.batch,
+                          LassoOptions(stop=args.stop, tol=args.tol))
     fit_s = time.perf_counter() - start
     net = build_network(det.network_[0], **det.network_[1])
     ref = Reference(det, args.device, args.ref_max_iter)
@@ -336,6 +344,11 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=10, help="detector: DeepSAD epochs")
     p.add_argument("--zbar-samples", type=int, default=2000, help="latents for the head's z̄")
     p.add_argument("--ref-max-iter", type=int, default=10000, help="reference FISTA cap")
+    p.add_argument("--stop", choices=("gap", "change"), default="gap",
+                   help="our stop rule, per sample: certified duality gap (the default of "
+                        "flipad fit/score) or the change of z")
+    p.add_argument("--tol", type=float, default=None,
+                   help="its tolerance (default: LassoOptions' — gap 1e-3 relative, change 1e-5)")
     args = p.parse_args(argv)
     if args.n_images < 2 or args.n_images % 2:
         raise SystemExit(f"--n-images {args.n_images}: expected an even number >= 2")
