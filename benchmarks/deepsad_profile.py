@@ -19,7 +19,9 @@ The floor at the machine's peak: XLA's count of the step's floating-point operat
 (n × n by n for n of 1024, 2048 and 3072, XLA and PyTorch, median of 5, the best). An
 implementation that does the step's arithmetic (direct convolutions, as XLA and PyTorch do) runs
 it no faster than that, so PyTorch's step time over it bounds the train ratio such an
-implementation could reach here.
+implementation could reach here. The same for scoring: PyTorch's eval forward of 1024 rows
+(the reference's batch, as ``benchmarks/deepsad.py`` times it) against their operations at
+that rate.
 """
 
 from __future__ import annotations
@@ -89,6 +91,40 @@ def peak_gflops(torch, sizes=(1024, 2048, 3072), repeats=5) -> dict:
                 times.append(time.perf_counter() - start)
             out[name] = max(out[name], 2 * n ** 3 / float(np.median(times)) / 1e9)
     return out
+
+
+def score_bound(torch, peak: float, rows: int = 1024, repeats: int = 5) -> dict:
+    """Scoring at the machine's peak, as ``benchmarks/deepsad.py`` compares it: PyTorch's eval
+    forward of ``rows`` rows at once (the reference's batch; median of ``repeats``) against the
+    least time ``rows`` rows can take at ``peak`` GFLOP/s, by XLA's FLOP count of the eval chunk
+    ours runs on a CPU (:data:`flipad_jax.deepsad.CPU_EVAL_ROWS` rows), scaled to ``rows``."""
+    import jax
+    import jax.numpy as jnp
+
+    from flipad_jax.deepsad import CPU_EVAL_ROWS
+    from flipad_jax.networks import build_network
+    sys.path.insert(0, str(Path(__file__).parent))
+    from deepsad import torch_deepsad
+
+    net = build_network("lenet_cifar10")
+    x = np.random.default_rng(0).normal(size=(rows, 3, 32, 32)).astype(np.float32)
+    chunk = jnp.asarray(x[:CPU_EVAL_ROWS])
+    v = net.init(jax.random.key(0), chunk[:1])
+    forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
+    cost = forward.lower(v, chunk).compile().cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost)["flops"] * rows / CPU_EVAL_ROWS
+    tnet, tx = torch_deepsad(torch, (3, 32, 32), (32, 64, 128)).eval(), torch.from_numpy(x)
+    times = []
+    with torch.no_grad():
+        tnet(tx)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tnet(tx)
+            times.append(time.perf_counter() - start)
+    torch_ms = 1e3 * float(np.median(times))
+    floor_ms = flops / peak / 1e6
+    return {"score_rows": rows, "score_gflop": flops / 1e9, "torch_score_ms": torch_ms,
+            "score_floor_ms_at_peak": floor_ms, "score_ratio_bound_at_peak": torch_ms / floor_ms}
 
 
 def _conv_fusions(hlo: str) -> set:
@@ -199,6 +235,7 @@ def main(argv=None):
     res["matmul_gflops"] = peak
     res["step_floor_ms_at_peak"] = flops / max(peak.values()) / 1e6
     res["ratio_bound_at_peak"] = res["torch_step_ms"] / res["step_floor_ms_at_peak"]
+    res.update(score_bound(torch, max(peak.values())))
     print(json.dumps(res, indent=2))
     if args.out:
         from flipad_jax._files import atomic_file
