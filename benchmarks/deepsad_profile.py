@@ -32,12 +32,15 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+# benchmarks/ is on the path when run as a script
+from conv_variants import median_ms
+from deepsad import torch_deepsad
 
 
 def _ours_step(n=1024, batch=128):
@@ -57,15 +60,19 @@ def _ours_step(n=1024, batch=128):
     state = [v["params"], v["batch_stats"], tx.init(v["params"])]
     idx = jnp.arange(batch)
     compiled = step.lower(*state, c, x, y, idx).compile()
-    cost = compiled.cost_analysis()
-    flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
 
     def run():
         p, b, o, loss = step(*state, c, x, y, idx)
         loss.block_until_ready()
         state[:] = [p, b, o]
 
-    return run, compiled.as_text(), flops
+    return run, compiled.as_text(), _flops(compiled)
+
+
+def _flops(compiled) -> float:
+    """XLA's count of a compiled function's floating-point operations."""
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
 def peak_gflops(torch, sizes=(1024, 2048, 3072), repeats=5) -> dict:
@@ -81,15 +88,9 @@ def peak_gflops(torch, sizes=(1024, 2048, 3072), repeats=5) -> dict:
         a, b = (rng.normal(size=(n, n)).astype(np.float32) for _ in range(2))
         ja, jb = jnp.asarray(a), jnp.asarray(b)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        runs = {"xla": lambda: dot(ja, jb).block_until_ready(), "torch": lambda: torch.mm(ta, tb)}
-        for name, run in runs.items():
-            run()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            out[name] = max(out[name], 2 * n ** 3 / float(np.median(times)) / 1e9)
+        for name, ms in (("xla", median_ms(dot, ja, jb, repeats=repeats)),
+                         ("torch", median_ms(torch.mm, ta, tb, repeats=repeats))):
+            out[name] = max(out[name], 2 * n ** 3 / ms / 1e6)
     return out
 
 
@@ -103,25 +104,16 @@ def score_bound(torch, peak: float, rows: int = 1024, repeats: int = 5) -> dict:
 
     from flipad_jax.deepsad import CPU_EVAL_ROWS
     from flipad_jax.networks import build_network
-    sys.path.insert(0, str(Path(__file__).parent))
-    from deepsad import torch_deepsad
 
     net = build_network("lenet_cifar10")
     x = np.random.default_rng(0).normal(size=(rows, 3, 32, 32)).astype(np.float32)
     chunk = jnp.asarray(x[:CPU_EVAL_ROWS])
     v = net.init(jax.random.key(0), chunk[:1])
     forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
-    cost = forward.lower(v, chunk).compile().cost_analysis()
-    flops = (cost[0] if isinstance(cost, list) else cost)["flops"] * rows / CPU_EVAL_ROWS
+    flops = _flops(forward.lower(v, chunk).compile()) * rows / CPU_EVAL_ROWS
     tnet, tx = torch_deepsad(torch, (3, 32, 32), (32, 64, 128)).eval(), torch.from_numpy(x)
-    times = []
     with torch.no_grad():
-        tnet(tx)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            tnet(tx)
-            times.append(time.perf_counter() - start)
-    torch_ms = 1e3 * float(np.median(times))
+        torch_ms = median_ms(tnet, tx, repeats=repeats)
     floor_ms = flops / peak / 1e6
     return {"score_rows": rows, "score_gflop": flops / 1e9, "torch_score_ms": torch_ms,
             "score_floor_ms_at_peak": floor_ms, "score_ratio_bound_at_peak": torch_ms / floor_ms}
@@ -173,9 +165,6 @@ def profile_ours(run, hlo, steps):
 
 
 def profile_torch(torch, steps, n=1024, batch=128):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from deepsad import torch_deepsad
-
     net = torch_deepsad(torch, (3, 32, 32), (32, 64, 128))
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(batch, 3, 32, 32)).astype(np.float32))
