@@ -215,9 +215,10 @@ class StackedInversion(NamedTuple):
     status: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("treedef", "restart", "stop", "continuation"))
+@functools.partial(jax.jit, static_argnames=("treedef", "restart", "stop", "continuation",
+                                             "step_growth"))
 def _solve_stacked(leaves, o, anchor, lam, reference_start, step, tol, max_iter, *, treedef,
-                   restart, stop, continuation):
+                   restart, stop, continuation, step_growth):
     def one(leaves, o, anchor, lam, reference_start, step, tol, max_iter):
         # solve_lasso's substitution δ = z − z̄, r = o − b − A z̄, per model
         op = jax.tree_util.tree_unflatten(treedef, leaves)
@@ -227,7 +228,8 @@ def _solve_stacked(leaves, o, anchor, lam, reference_start, step, tol, max_iter,
                                   anchor.shape[1:])  # δ₀ = z̄ (z₀ = 2z̄) or 0
         delta, iterations, *_, status = _fista(
             op, r, jnp.broadcast_to(lam, o.shape[:1]), op.to_internal(delta0), step, tol,
-            max_iter, restart=restart, stop=stop, continuation=continuation)
+            max_iter, restart=restart, stop=stop, continuation=continuation,
+            step_growth=step_growth)
         return op.from_internal(delta) + anchor, iterations, status
 
     return jax.vmap(one)(leaves, o, anchor, lam, reference_start, step, tol, max_iter)
@@ -245,7 +247,7 @@ def geometry_key(head, options: LassoOptions, batch_size: int = 0) -> tuple:
     """Heads (with solver settings) of equal keys can be inverted by one stacked solve."""
     leaves, treedef = jax.tree_util.tree_flatten(head.op)
     return (treedef, tuple((leaf.shape, leaf.dtype.str) for leaf in leaves),
-            options.stop, options.restart, options.continuation, batch_size)
+            options.stop, options.restart, options.continuation, options.step_growth, batch_size)
 
 
 def invert_stacked(heads: Sequence, x, lams: Sequence[float],
@@ -287,7 +289,7 @@ def invert_stacked(heads: Sequence, x, lams: Sequence[float],
                                                 zip(heads, options)], dtype),
         jnp.asarray([opts.max_iter for opts in options], jnp.int32),
         treedef=treedef, restart=options[0].restart, stop=options[0].stop,
-        continuation=options[0].continuation)
+        continuation=options[0].continuation, step_growth=options[0].step_growth)
     return StackedInversion(np.asarray(z), np.asarray(iterations), np.asarray(status))
 
 

@@ -72,6 +72,9 @@ def _add_invert_parser(subparsers):
     p.add_argument("--continuation", type=float, default=None, metavar="ETA",
                    help="solve along a λ path shrinking by ETA per stage (fast mode; for "
                         "converged solves at small λ, e.g. 0.2; LassoOptions.continuation)")
+    p.add_argument("--step-growth", type=float, default=None, metavar="GAMMA",
+                   help="backtracking with a step growing by GAMMA per accepted step (fast "
+                        "mode; e.g. 1.02; LassoOptions.step_growth)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--pool-to", type=optional_int, default=None, metavar="N|none",
                    help="max-pool the features to N×N as a FLIPAD detector does (default none: "
@@ -99,7 +102,8 @@ def _run_invert(args) -> int:
                          shape_from="(the head's output)", **_float_inputs(args))
     options = LassoOptions.paper(head.op) if args.mode == "paper" else LassoOptions()
     changes = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol),
-                                 ("continuation", args.continuation)) if v is not None}
+                                 ("continuation", args.continuation),
+                                 ("step_growth", args.step_growth)) if v is not None}
     options = options.replace(**changes)
     res = head.invert_batches(images, args.lam, batch_size=args.batch_size,
                               progress=args.progress, options=options)

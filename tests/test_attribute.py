@@ -100,6 +100,13 @@ def test_stacked_inversion_equals_each_heads_own_solve(world):
         np.testing.assert_allclose(res.z[m], own.z, rtol=0, atol=2e-5)
         np.testing.assert_array_equal(res.iterations[m], own.iterations)
         np.testing.assert_array_equal(res.status[m], own.status)
+    # the growing step is per model and per image too
+    grown = [opts.replace(step_growth=1.05) for opts in options]
+    res = invert_stacked(group, x, lams, grown)
+    for m, (head, lam, opts) in enumerate(zip(group, lams, grown)):
+        own = head.invert(x, lam, options=opts)
+        np.testing.assert_allclose(res.z[m], own.z, rtol=0, atol=2e-5)
+        np.testing.assert_array_equal(res.iterations[m], own.iterations)
     with pytest.raises(ValueError, match="one geometry"):
         invert_stacked([heads["A"], heads["C"]], x, lams[:2], options[:2])
 

@@ -45,6 +45,14 @@ def test_convert_sample_invert(tmp_path):
     for plain, d in zip(diagnostics, on_path["samples"]):
         assert d["status"] == 0
         assert abs(d["objective"] - plain["objective"]) <= d["gap"] + plain["gap"] + 1e-6
+    grown = tmp_path / "grown.npy"
+    assert main(["invert", str(tmp_path / "bundle"), str(tmp_path / "pngs"), "--out", str(grown),
+                 "--step-growth", "1.05", "--quiet"]) == 0
+    with_growth = json.loads(grown.with_suffix(".json").read_text())
+    assert with_growth["lasso"]["step_growth"] == 1.05
+    for plain, d in zip(diagnostics, with_growth["samples"]):
+        assert d["status"] == 0
+        assert abs(d["objective"] - plain["objective"]) <= d["gap"] + plain["gap"] + 1e-6
     assert main(["invert", str(tmp_path / "bundle"), str(tmp_path / "pngs"), "--out",
                  str(tmp_path / "x.npy"), "--continuation", "0.2", "--mode", "paper",
                  "--quiet"]) == 1

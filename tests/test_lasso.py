@@ -88,6 +88,34 @@ def test_continuation_path_ends_at_the_lasso_solution(x64):
     np.testing.assert_array_equal(np.asarray(path.iterations), np.asarray(plain.iterations))
 
 
+def test_growing_step_ends_at_the_lasso_solution_in_fewer_iterations(x64):
+    # Backtracking with a growing step on the ill-posed problem of the continuation test (80
+    # unknowns, 25 rows, λ = 1e-3 λ_max): scikit-learn's minimiser, certified, and since the
+    # step grows past 1/L along the flat directions the fixed step crawls in, fewer iterations.
+    m = 25
+    w, o, anchor, lam_max = _anchored_linear_problem(4, m, 80)
+    lam = 1e-3 * lam_max
+    fixed = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, tol=1e-10, max_iter=200000)
+    grown = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, tol=1e-10, max_iter=200000,
+                           step_growth=1.02)
+    assert bool(jnp.all(grown.converged))
+    assert np.all(np.asarray(grown.gap) <= 1e-10 * np.asarray(grown.objective) * (1 + 1e-6))
+    for i in range(len(o)):
+        ref = Lasso(alpha=lam[i] / m, fit_intercept=False, tol=1e-14, max_iter=1000000)
+        ref.fit(w, o[i] - w @ anchor)
+        np.testing.assert_allclose(np.asarray(grown.z[i]) - anchor, ref.coef_, atol=1e-6)
+    assert np.all(np.asarray(grown.iterations) < np.asarray(fixed.iterations))
+    # A transposed convolution, per-sample change rule: the KKT conditions of the solution.
+    rng = np.random.default_rng(1)
+    op = _small_dcgan_layer(rng)
+    o = rng.normal(size=(3,) + op.out_shape)
+    anchor = np.abs(rng.normal(size=op.in_shape))
+    res = fj.solve_lasso(op, o, 0.05, anchor=anchor, tol=1e-13, max_iter=100000,
+                         step_growth=1.1)
+    assert bool(jnp.all(res.converged))
+    assert np.all(_kkt_violation(op, o, 0.05, res.z, anchor) <= 1e-7)
+
+
 def test_returned_features_have_the_lasso_solutions_exact_zeros(x64):
     # The solver returns a proximal (soft-thresholded) iterate, so coordinates outside the
     # support are exactly 0, at the default certified tolerance as at a cap of a few
@@ -393,6 +421,9 @@ def test_sharded_solve_on_eight_cpu_devices_equals_single_device():
     (dict(tol=float("nan")), r"tol=nan"),
     (dict(continuation=1.0), r"continuation=1.0: expected None or a factor in \(0, 1\)"),
     (dict(continuation=0.2, stop="change"), r"continuation=0.2 with stop='change'"),
+    (dict(step_growth=1.0), r"step_growth=1.0: expected None or a factor in \(1, 2\)"),
+    (dict(step_growth=3), r"step_growth=3: expected None or a factor in \(1, 2\)"),
+    (dict(step_growth=1.05, stop="reference"), r"step_growth=1.05 with stop='reference'"),
 ])
 def test_bad_input_is_rejected_with_a_clear_message(change, match):
     rng = np.random.default_rng(9)
@@ -462,9 +493,11 @@ def _lasso_problem(draw):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(op=_lasso_problem(), fractions=st.lists(st.floats(0.02, 0.98), min_size=1, max_size=2),
        above=st.floats(1.0, 4.0), max_iter=st.sampled_from([1, 4, 20, 10000]),
-       seed=st.integers(0, 2**31))
-def test_property_duality_gap_certifies_suboptimality(x64, op, fractions, above, max_iter, seed):
-    """P(z) − P* ≤ gap for Linear/Conv2d/ConvTranspose2d, float32/64, λ below and above λ_max.
+       step_growth=st.sampled_from([None, 1.05]), seed=st.integers(0, 2**31))
+def test_property_duality_gap_certifies_suboptimality(x64, op, fractions, above, max_iter,
+                                                      step_growth, seed):
+    """P(z) − P* ≤ gap for Linear/Conv2d/ConvTranspose2d, float32/64, λ below and above λ_max,
+    with the fixed step and with the growing one.
 
     Everything on the test side is float64 and dense: P* from scikit-learn's coordinate descent
     (an upper bound on the true P*, so the inequality can only get harder), and the gap as
@@ -485,7 +518,7 @@ def test_property_duality_gap_certifies_suboptimality(x64, op, fractions, above,
     lam = (lam_max * np.array([above] + fractions)).astype(dtype)
     assume(np.all(lam_max > 1e-3))
     res = fj.solve_lasso(op, o, lam, anchor=anchor, max_iter=max_iter,
-                         lipschitz=np.linalg.norm(a, 2) ** 2)
+                         lipschitz=np.linalg.norm(a, 2) ** 2, step_growth=step_growth)
     lam = lam.astype(np.float64)
 
     delta = (np.asarray(res.z, np.float64) - anchor).reshape(batch, n)
