@@ -66,20 +66,25 @@ def test_matches_sklearn_lasso(x64):
         np.testing.assert_allclose(res.z[i], ref.coef_, atol=1e-8)
 
 
-def test_continuation_path_ends_at_the_lasso_solution(x64):
-    # An underdetermined problem at a small λ (1e-3 λ_max), where the solution is much sparser
-    # than the early iterates: the λ path must end at scikit-learn's minimiser, certified at λ.
-    m = 25
-    w, o, anchor, lam_max = _anchored_linear_problem(4, m, 80)
-    lam = 1e-3 * lam_max
+def _assert_certified_sklearn_minimiser(w, o, anchor, lam, **options):
+    """Solved at tol 1e-10 with ``options``: every sample certified, at scikit-learn's
+    minimiser. → the result."""
     res = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, tol=1e-10, max_iter=200000,
-                         continuation=0.2)
+                         **options)
     assert bool(jnp.all(res.converged))
     assert np.all(np.asarray(res.gap) <= 1e-10 * np.asarray(res.objective) * (1 + 1e-6))
     for i in range(len(o)):
-        ref = Lasso(alpha=lam[i] / m, fit_intercept=False, tol=1e-14, max_iter=1000000)
+        ref = Lasso(alpha=lam[i] / len(w), fit_intercept=False, tol=1e-14, max_iter=1000000)
         ref.fit(w, o[i] - w @ anchor)
         np.testing.assert_allclose(np.asarray(res.z[i]) - anchor, ref.coef_, atol=1e-6)
+    return res
+
+
+def test_continuation_path_ends_at_the_lasso_solution(x64):
+    # An underdetermined problem at a small λ (1e-3 λ_max), where the solution is much sparser
+    # than the early iterates: the λ path must end at scikit-learn's minimiser, certified at λ.
+    w, o, anchor, lam_max = _anchored_linear_problem(4, 25, 80)
+    _assert_certified_sklearn_minimiser(w, o, anchor, 1e-3 * lam_max, continuation=0.2)
     # λ above half of λ_max: the path has one stage, so the solve is the plain one
     big = 0.7 * lam_max
     plain = fj.solve_lasso(fj.Linear(w), o, big, anchor=anchor)
@@ -92,20 +97,11 @@ def test_growing_step_ends_at_the_lasso_solution_in_fewer_iterations(x64):
     # Backtracking with a growing step on the ill-posed problem of the continuation test (80
     # unknowns, 25 rows, λ = 1e-3 λ_max): scikit-learn's minimiser, certified, and since the
     # step grows past 1/L along the flat directions the fixed step crawls in, fewer iterations.
-    m = 25
-    w, o, anchor, lam_max = _anchored_linear_problem(4, m, 80)
-    lam = 1e-3 * lam_max
-    fixed = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, tol=1e-10, max_iter=200000)
-    grown = fj.solve_lasso(fj.Linear(w), o, lam, anchor=anchor, tol=1e-10, max_iter=200000,
-                           step_growth=1.02)
-    assert bool(jnp.all(grown.converged))
-    assert np.all(np.asarray(grown.gap) <= 1e-10 * np.asarray(grown.objective) * (1 + 1e-6))
-    for i in range(len(o)):
-        ref = Lasso(alpha=lam[i] / m, fit_intercept=False, tol=1e-14, max_iter=1000000)
-        ref.fit(w, o[i] - w @ anchor)
-        np.testing.assert_allclose(np.asarray(grown.z[i]) - anchor, ref.coef_, atol=1e-6)
+    w, o, anchor, lam_max = _anchored_linear_problem(4, 25, 80)
+    fixed = _assert_certified_sklearn_minimiser(w, o, anchor, 1e-3 * lam_max)
+    grown = _assert_certified_sklearn_minimiser(w, o, anchor, 1e-3 * lam_max, step_growth=1.02)
     assert np.all(np.asarray(grown.iterations) < np.asarray(fixed.iterations))
-    # A transposed convolution, per-sample change rule: the KKT conditions of the solution.
+    # A transposed convolution: the KKT conditions of the certified solution.
     rng = np.random.default_rng(1)
     op = _small_dcgan_layer(rng)
     o = rng.normal(size=(3,) + op.out_shape)
