@@ -136,6 +136,13 @@ class Status(enum.IntEnum):
                 Status.NONFINITE: "the objective went non-finite (NaN or inf)"}[self]
 
 
+def _check_factor(name: str, value, low: float, high: float, example: str = ""):
+    """An optional factor strictly between ``low`` and ``high``; ValueError otherwise."""
+    if not (isinstance(value, (int, float)) and low < value < high):
+        raise ValueError(f"{name}={value!r}: expected None or a factor in ({low}, {high})"
+                         f"{example}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LassoOptions:
     """Settings of :func:`solve_lasso`; the defaults are ours, :meth:`paper` the reference's.
@@ -181,17 +188,12 @@ class LassoOptions:
             check_positive("step", self.step)
         check_positive("lipschitz_margin", self.lipschitz_margin)
         if self.continuation is not None:
-            if not (isinstance(self.continuation, (int, float)) and 0 < self.continuation < 1):
-                raise ValueError(f"continuation={self.continuation!r}: expected None or a "
-                                 "factor in (0, 1)")
+            _check_factor("continuation", self.continuation, 0, 1)
             if self.stop != "gap":
                 raise ValueError(f"continuation={self.continuation!r} with stop={self.stop!r}: "
                                  "expected stop='gap' (the path's stages end on their gap)")
-
         if self.step_growth is not None:
-            if not (isinstance(self.step_growth, (int, float)) and 1 < self.step_growth < 2):
-                raise ValueError(f"step_growth={self.step_growth!r}: expected None or a factor "
-                                 "in (1, 2), e.g. 1.02")
+            _check_factor("step_growth", self.step_growth, 1, 2, ", e.g. 1.02")
             if self.stop == "reference":
                 raise ValueError(f"step_growth={self.step_growth!r} with stop='reference': "
                                  "expected a per-sample stop, 'gap' or 'change' (each sample "
