@@ -55,6 +55,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from flipad_jax.lasso import _bcast, _per_sample_sum, _soft_threshold  # noqa: E402
+
 import flipad_jax as fj  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -125,12 +127,16 @@ def iterations_to(op, o, zbar, lipschitz, p_star, continuation=None, start=100):
     return None, worst
 
 
-def _per_sample(fn, x):
-    return fn(x, axis=tuple(range(1, x.ndim)))
+def _zero_delta(op, r):
+    """δ = 0 for every sample of ``r``, in the operator's internal layout."""
+    return jnp.zeros((r.shape[0],) + op.to_internal(jnp.zeros((1,) + op.in_shape)).shape[1:],
+                     r.dtype)
 
 
-def _bcast(v, like):
-    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+def _objective(op, r, lam, delta):
+    """P = ½‖Aδ − r‖² + λ‖δ‖₁ per sample (internal layout)."""
+    return 0.5 * _per_sample_sum(jnp.square(op.apply(delta) - r)) + \
+        lam * _per_sample_sum(jnp.abs(delta))
 
 
 @functools.partial(jax.jit, static_argnames=("iters",))
@@ -141,13 +147,11 @@ def diagonal_step_fista(op, r, lam, steps, *, iters):
         delta, prev, t = state
         t_next = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
         y = delta + _bcast((t - 1) / t_next, delta) * (delta - prev)
-        v = y - steps * op.adjoint(op.apply(y) - r)
-        new = jnp.sign(v) * jnp.maximum(jnp.abs(v) - lam * steps, 0)
-        uphill = _per_sample(jnp.sum, (y - new) * (new - delta)) > 0
+        new = _soft_threshold(y - steps * op.adjoint(op.apply(y) - r), lam * steps)
+        uphill = _per_sample_sum((y - new) * (new - delta)) > 0
         return new, jnp.where(_bcast(uphill, new), new, delta), jnp.where(uphill, 1.0, t_next)
 
-    delta = jnp.zeros((r.shape[0],) + op.to_internal(jnp.zeros((1,) + op.in_shape)).shape[1:],
-                      r.dtype)
+    delta = _zero_delta(op, r)
     return lax.fori_loop(0, iters, body, (delta, delta, jnp.ones((r.shape[0],), r.dtype)))[0]
 
 
@@ -156,13 +160,8 @@ def anderson_variant(op, r, lam, step, *, iters, k, every, momentum):
     """ISTA (``momentum=False``) or FISTA with restarts, plus Anderson extrapolation every
     ``every`` iterations from the last ``k`` + 1 iterates: c = (UᵀU)⁻¹1/1ᵀ(UᵀU)⁻¹1 over their
     differences U, kept per sample where it lowers P (then momentum restarts). → (δ, kept)."""
-    def objective(d):
-        res = op.apply(d) - r
-        return 0.5 * _per_sample(jnp.sum, jnp.square(res)) + lam * _per_sample(jnp.sum, jnp.abs(d))
-
     def prox_grad(y):
-        v = y - step * op.adjoint(op.apply(y) - r)
-        return jnp.sign(v) * jnp.maximum(jnp.abs(v) - lam * step, 0)
+        return _soft_threshold(y - step * op.adjoint(op.apply(y) - r), lam * step)
 
     def extrapolate(args):
         new, history, t_next, kept = args
@@ -172,7 +171,7 @@ def anderson_variant(op, r, lam, step, *, iters, k, every, momentum):
         c = jnp.linalg.solve(gram, jnp.ones(gram.shape[:2] + (1,), gram.dtype))[..., 0]
         candidate = jnp.einsum("bk,kb...->b...", c / jnp.sum(c, axis=1, keepdims=True),
                                history[1:])
-        better = objective(candidate) < objective(new)
+        better = _objective(op, r, lam, candidate) < _objective(op, r, lam, new)
         return (jnp.where(_bcast(better, new), candidate, new), history,
                 jnp.where(better, 1.0, t_next), kept + better)
 
@@ -182,14 +181,13 @@ def anderson_variant(op, r, lam, step, *, iters, k, every, momentum):
         y = delta + _bcast((t - 1) / t_next, delta) * (delta - prev) if momentum else delta
         new = prox_grad(y)
         if momentum:
-            t_next = jnp.where(_per_sample(jnp.sum, (y - new) * (new - delta)) > 0, 1.0, t_next)
+            t_next = jnp.where(_per_sample_sum((y - new) * (new - delta)) > 0, 1.0, t_next)
         history = jnp.roll(history, -1, axis=0).at[k].set(new)
         new, history, t_next, kept = lax.cond((i % every == every - 1) & (i >= k), extrapolate,
                                               lambda a: a, (new, history, t_next, kept))
         return new, jnp.where(_bcast(t_next == 1.0, new), new, delta), t_next, history, kept
 
-    delta = jnp.zeros((r.shape[0],) + op.to_internal(jnp.zeros((1,) + op.in_shape)).shape[1:],
-                      r.dtype)
+    delta = _zero_delta(op, r)
     state = (delta, delta, jnp.ones((r.shape[0],), r.dtype),
              jnp.zeros((k + 1,) + delta.shape, r.dtype), jnp.zeros((r.shape[0],), jnp.int32))
     final = lax.fori_loop(0, iters, body, state)
@@ -242,11 +240,7 @@ def levers(op, o, zbar, lipschitz, p_star):
         points = []
         for k in CHECKPOINTS:
             delta, _ = run(k)
-            z = op.from_internal(delta) + zbar[None]
-            res = op.affine(z) - o
-            p = np.asarray(0.5 * _per_sample(jnp.sum, jnp.square(res))
-                           + LAM * _per_sample(jnp.sum, jnp.abs(z - zbar[None])))
-            true = (p - p_star) / p_star
+            true = (np.asarray(_objective(op, r, LAM, delta)) - p_star) / p_star
             points.append(dict(iterations=k, true_rel_subopt_median=float(np.median(true)),
                                true_rel_subopt_max=float(np.max(true))))
         rows.append(dict(lever=name, checkpoints=points))
