@@ -31,14 +31,22 @@ def key_value(text: str) -> tuple:
         return key, value
 
 
-def optional_int(text: str):
-    """An int, or None for 'none'."""
-    if text.lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an int or 'none'") from None
+def _optional(convert, expected: str):
+    """An argparse type: ``convert(text)``, or None for 'none'."""
+    def parse(text: str):
+        if text.lower() == "none":
+            return None
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected} or 'none'") from None
+
+    parse.__name__ = f"optional_{convert.__name__}"  # argparse names the type in its errors
+    return parse
+
+
+optional_int = _optional(int, "an int")
+optional_float = _optional(float, "a number")
 
 
 def float_pair(text: str) -> tuple:

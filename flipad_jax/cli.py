@@ -32,10 +32,11 @@ import sys
 
 from flipad_jax import sminv as sminv_defaults
 from flipad_jax._runtime import DEVICES, LOGGER, report, run_log, select_device, show_progress
-from flipad_jax._argparse import (add_output_flags, float_pair, key_value, optional_int,
-                                  subparser)
+from flipad_jax._argparse import (add_output_flags, float_pair, key_value, optional_float,
+                                  optional_int, subparser)
 from flipad_jax.deepsad import DeepSADConfig
 from flipad_jax.features import DOWNSAMPLE_MODES, FeatureConfig
+from flipad_jax.lasso import BY_STOP_RULE
 
 # The CLI's defaults are the settings objects' (the paper's), read from one place.
 _FEATURES, _TRAINING = FeatureConfig(), DeepSADConfig()
@@ -69,12 +70,16 @@ def _add_invert_parser(subparsers):
                         "(LassoOptions.paper)")
     p.add_argument("--max-iter", type=int, default=None)
     p.add_argument("--tol", type=float, default=None)
-    p.add_argument("--continuation", type=float, default=None, metavar="ETA",
-                   help="solve along a λ path shrinking by ETA per stage (fast mode; for "
-                        "converged solves at small λ, e.g. 0.2; LassoOptions.continuation)")
-    p.add_argument("--step-growth", type=float, default=None, metavar="GAMMA",
-                   help="backtracking with a step growing by GAMMA per accepted step (fast "
-                        "mode; e.g. 1.02; LassoOptions.step_growth)")
+    p.add_argument("--continuation", type=optional_float, default=BY_STOP_RULE,
+                   metavar="ETA|none",
+                   help="solve along a λ path shrinking by ETA per stage; none: at λ from the "
+                        "start (fast mode; default: the stop rule's, 0.2 for the certified "
+                        "stop; LassoOptions.continuation)")
+    p.add_argument("--step-growth", type=optional_float, default=BY_STOP_RULE,
+                   metavar="GAMMA|none",
+                   help="backtracking with a step growing by GAMMA per accepted step; none: "
+                        "the fixed step 1/L (fast mode; default: the stop rule's, 1.02; "
+                        "LassoOptions.step_growth)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--pool-to", type=optional_int, default=None, metavar="N|none",
                    help="max-pool the features to N×N as a FLIPAD detector does (default none: "
@@ -101,9 +106,9 @@ def _run_invert(args) -> int:
     images = load_images(args.images, head.output_range, shape=head.out_shape,
                          shape_from="(the head's output)", **_float_inputs(args))
     options = LassoOptions.paper(head.op) if args.mode == "paper" else LassoOptions()
-    changes = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol),
-                                 ("continuation", args.continuation),
-                                 ("step_growth", args.step_growth)) if v is not None}
+    changes = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol)) if v is not None}
+    changes.update({k: v for k, v in (("continuation", args.continuation),
+                                      ("step_growth", args.step_growth)) if v is not BY_STOP_RULE})
     options = options.replace(**changes)
     res = head.invert_batches(images, args.lam, batch_size=args.batch_size,
                               progress=args.progress, options=options)

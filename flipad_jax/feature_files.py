@@ -71,11 +71,12 @@ def _parsed_sidecar(path: str, mtime_ns: int, size: int) -> dict:
 
 def _solver_options(path, meta: dict):
     """The sidecar's solver settings as :class:`LassoOptions`: compared as options, not dicts,
-    so a sidecar written before a field existed holds that field's default."""
+    so a sidecar written before a field existed holds the value that field's behaviour had
+    then (:meth:`LassoOptions.from_json`)."""
     from flipad_jax.lasso import LassoOptions
 
     try:
-        return LassoOptions(**meta["lasso"])
+        return LassoOptions.from_json(meta["lasso"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: solver settings {meta['lasso']!r} are not LassoOptions "
                          f"({error}): expected a sidecar written by `flipad invert`") from None

@@ -275,7 +275,7 @@ class FeatureConfig:
         if self.kind not in FEATURE_KINDS:
             raise ValueError(f"features={self.kind!r}: expected one of {FEATURE_KINDS}")
         if isinstance(self.lasso, dict):  # from JSON
-            object.__setattr__(self, "lasso", LassoOptions(**self.lasso))
+            object.__setattr__(self, "lasso", LassoOptions.from_json(self.lasso))
         if self.standardize not in STANDARDIZE_CHOICES + (_AUTO,):
             raise ValueError(f"standardize={self.standardize!r}: expected one of "
                              f"{STANDARDIZE_CHOICES + (_AUTO,)}")
@@ -314,4 +314,4 @@ class FeatureConfig:
         return dct_features(images, self.crop)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "lasso": self.lasso.to_json()}

@@ -19,19 +19,23 @@ duality gap at the iterate δ⁺ itself, which every stop rule returns. δ⁺ is
 it is exactly sparse (coordinates with |y − s∇f(y)| ≤ λs are exactly 0), and with the gap rule
 the certificate is that of the features handed on, not of a nearby dense point.
 
-Continuation (``continuation=η``, off by default), per sample: the loop first solves at
-λ₁ = max(λ, ‖Aᵀr‖∞/2), and each time the iterate's relative gap at the current λₖ is ≤ 0.03 it
-moves on to λₖ₊₁ = max(λ, η λₖ), restarting the momentum; the stop rule applies once λₖ = λ.
-On small λ, where the solution is far sparser than the early iterates, the path reaches the
-solution in fewer iterations: on the shipped DCGAN and LSGAN heads (float64, batch 16) a true
-relative suboptimality of 1e-3 took 3545 and 2836 iterations with η = 0.2 against 6924 and
-10 819 without (``benchmarks/trained_convergence.py``). Capped solves (the demo's 50
-iterations) should not use it: they would stop on the path, at a larger λ.
+Continuation (``continuation=η``; by default η = 0.2 under the certified stop, see
+:data:`STOP_RULE_DEFAULTS`), per sample: the loop first solves at λ₁ = max(λ, ‖Aᵀr‖∞/2), and
+each time the iterate's relative gap at the current λₖ is ≤ 0.01 it moves on to
+λₖ₊₁ = max(λ, η λₖ) (straight to λ once η λₖ is at rounding level, ε‖Aᵀr‖∞, so that λ = 0 is
+reached), restarting the momentum; the stop rule applies once λₖ = λ. On small λ, where the
+solution is far sparser than the early iterates, the path reaches the solution in fewer
+iterations: on the shipped DCGAN and LSGAN heads (float64, batch 16) a true relative
+suboptimality of 1e-3 took 3545 and 2836 iterations with η = 0.2 against 6924 and 10 819
+without (``benchmarks/trained_convergence.py``, measured when stages ended at 0.03; ending them
+at 0.01 cut the mean iterations to certify 1e-3 in float32 with the growing step by 1.14× and
+1.42×). Capped solves (the demo's 50 iterations) should not use it: they would stop on the path,
+at a larger λ.
 
 Restart (O'Donoghue & Candès 2015, gradient scheme), per sample: when
 ⟨y − δ⁺, δ⁺ − δ⟩ > 0 the momentum points uphill; set t⁺ = 1 and y⁺ = δ⁺.
 
-Growing step (``step_growth=γ``, off by default), per sample: backtracking in the manner of
+Growing step (``step_growth=γ``; by default γ = 1.02 under the per-sample stop rules), per sample: backtracking in the manner of
 Beck & Teboulle's, with a step that may grow past 1/L. After each step that passes the
 sufficient-decrease test f(δ⁺) ≤ f(y) + ⟨∇f(y), δ⁺ − y⟩ + ‖δ⁺ − y‖²/2s the step grows by γ;
 after one that fails the sample keeps its state, halves its step (never below the base step,
@@ -90,11 +94,16 @@ The step size does not change the minimiser and is not differentiated.
 
 Samples that stop are frozen while the others go on: they take steps of size 0 without
 momentum, which leave their iterate exactly as it is (a non-finite one stays non-finite);
-``max_iter`` bounds the loop. An iteration's elementwise work is memory-bound on a CPU (at batch
+``max_iter`` bounds the loop. A frozen sample still costs an iteration's work, so under the
+per-sample stop rules the loop runs in segments of :data:`SEGMENT` iterations and, once at most
+half of a batch's samples are active, carries on with those alone in a batch half as wide (or
+narrower; :func:`_solve`): a batch then costs about its samples' mean iterations, not its
+slowest sample's, with each sample's result unchanged. An iteration's elementwise work is memory-bound on a CPU (at batch
 64 on the DCGAN head it took 2–3× the time of the forward + adjoint pair), so the loop keeps few
 full-size arrays: the iterate, its gradient and the last step of each (never the extrapolated
-point), and the gap is assembled from per-sample reductions. Every setting lives in :class:`LassoOptions`, whose defaults are ours (step 1/L,
-restarts, certified stop); ``LassoOptions.paper(op)`` is the reference solver: fixed step 0.025
+point), and the gap is assembled from per-sample reductions. Every setting lives in
+:class:`LassoOptions`, whose defaults are ours (base step 1/L growing by 1.02, restarts, the
+certified stop along a λ path, at most 20 000 iterations); ``LassoOptions.paper(op)`` is the reference solver: fixed step 0.025
 (0.001 for :class:`~flipad_jax.Linear`, its tabular setting), no restart, the ``"reference"`` stop
 rule with tol 1e-5 (1e-4 for :class:`~flipad_jax.Linear`), 10000 iterations, and the reference's
 start δ₀ = z̄ (z₀ = 2z̄). Any field can still be overridden.
@@ -118,7 +127,12 @@ from flipad_jax._checks import (check_batch, check_finite, check_floating, check
 from flipad_jax.operators import Linear
 
 _STOP_RULES = ("gap", "change", "reference")
-_STAGE_TOL = 3e-2  # relative gap that ends a stage of the λ path (continuation)
+_STAGE_TOL = 1e-2  # relative gap that ends a stage of the λ path (continuation)
+# Iterations between the checks that shed stopped samples (:func:`_solve`): a host round trip
+# each, against up to this many iterations of a batch wider than its active samples need.
+SEGMENT = 256
+# The certified rule checks the gap every GAP_EVERY iterations (SEGMENT is a multiple of it).
+GAP_EVERY = 8
 _STARTS = ("anchor", "reference")
 
 
@@ -143,6 +157,24 @@ def _check_factor(name: str, value, low: float, high: float, example: str = ""):
                          f"{example}")
 
 
+class _ByStopRule:
+    """The default of a setting that depends on the stop rule (see :data:`STOP_RULE_DEFAULTS`)."""
+
+    def __repr__(self):
+        return "BY_STOP_RULE"
+
+
+BY_STOP_RULE = _ByStopRule()
+# Defaults of the settings that depend on the stop rule. Under the certified rule the growing
+# step and the λ path together make the certified solve on the shipped trained heads about 1.4×
+# (DCGAN) and 1.3× (LSGAN) faster in mean iterations than the growing step alone and certify
+# where the fixed step does not (benchmarks/README.md); the path is steered by the gap, so only
+# that rule takes it. The reference's batch-wide rule takes neither: it is the reference solver.
+STOP_RULE_DEFAULTS = {"gap": dict(continuation=0.2, step_growth=1.02),
+                      "change": dict(continuation=None, step_growth=1.02),
+                      "reference": dict(continuation=None, step_growth=None)}
+
+
 @dataclasses.dataclass(frozen=True)
 class LassoOptions:
     """Settings of :func:`solve_lasso`; the defaults are ours, :meth:`paper` the reference's.
@@ -158,28 +190,43 @@ class LassoOptions:
         ``init=`` array to :func:`solve_lasso` overrides it.
       lipschitz_margin: factor on L, since Lanczos approaches ‖A‖² from below.
       continuation: η in (0, 1): solve along a path of λ, per sample, from ‖Aᵀr‖∞/2 down to λ
-        by factors η, each stage warm-starting the next once its relative gap is ≤ 0.03; None:
+        by factors η, each stage warm-starting the next once its relative gap is ≤ 0.01; None:
         at λ from the start. Only with the certified stop ("gap"): the path is steered by it.
+        Default by stop rule (:data:`STOP_RULE_DEFAULTS`): 0.2 under "gap", else None. A capped
+        solve (small ``max_iter``) may end on the path, at a larger λ: its status is MAX_ITER.
       step_growth: γ > 1: backtracking with a growing step, per sample: after each step that
         passes the sufficient-decrease test the step grows by γ, after one that fails it halves
         (never below the base step, which is always accepted) and the sample retries from the
         same extrapolated point; None: the base step throughout. Per-sample stop rules only.
+        Default by stop rule: 1.02 under "gap" and "change", None under "reference".
+
+    The two settings left at ``BY_STOP_RULE`` take the stop rule's default when the options are
+    made, and again in :meth:`replace` when the stop rule changes; the fields then hold those
+    values, so :meth:`to_json` records the settings the solve ran with.
     """
 
-    max_iter: int = 10000
+    max_iter: int = 20000
     tol: Optional[float] = None
     stop: str = "gap"
     step: Optional[float] = None
     restart: bool = True
     start: str = "anchor"
     lipschitz_margin: float = 1.01
-    continuation: Optional[float] = None
-    step_growth: Optional[float] = None
+    continuation: Optional[float] = BY_STOP_RULE
+    step_growth: Optional[float] = BY_STOP_RULE
+    # which of the two took the stop rule's default (so that replace() re-derives them)
+    _by_stop_rule: frozenset = dataclasses.field(default=frozenset(), init=False, repr=False,
+                                                 compare=False)
 
     def __post_init__(self):
         check_int("max_iter", self.max_iter, minimum=0)
         if self.stop not in _STOP_RULES:
             raise ValueError(f"stop={self.stop!r}: expected one of {_STOP_RULES}")
+        derived = frozenset(name for name in STOP_RULE_DEFAULTS[self.stop]
+                            if getattr(self, name) is BY_STOP_RULE)
+        for name in derived:
+            object.__setattr__(self, name, STOP_RULE_DEFAULTS[self.stop][name])
+        object.__setattr__(self, "_by_stop_rule", derived)
         if self.start not in _STARTS:
             raise ValueError(f"start={self.start!r}: expected one of {_STARTS}")
         if self.tol is not None:
@@ -200,6 +247,12 @@ class LassoOptions:
                                  "keeps its own step)")
 
     @classmethod
+    def from_json(cls, fields: dict) -> "LassoOptions":
+        """Options recorded by :meth:`to_json`. A setting the record lacks was written before it
+        existed, when it was off: it is read as None, not as today's default."""
+        return cls(**{"continuation": None, "step_growth": None, **fields})
+
+    @classmethod
     def paper(cls, op, **overrides) -> "LassoOptions":
         """The reference solver for ``op``: step 0.025 (Linear 0.001), no restart, the
         batch-wide change rule at tol 1e-5 (Linear 1e-4), 10000 iterations, z₀ = 2z̄."""
@@ -209,12 +262,16 @@ class LassoOptions:
                       **overrides})
 
     def replace(self, **overrides) -> "LassoOptions":
-        """A copy with some fields changed; an unknown name is a ValueError."""
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        """A copy with some fields changed; an unknown name is a ValueError. Settings that took
+        the stop rule's default take the new rule's."""
+        names = [f.name for f in dataclasses.fields(self) if f.init]
+        unknown = sorted(set(overrides) - set(names))
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not a solver setting; expected fields of "
-                             f"LassoOptions ({', '.join(f.name for f in dataclasses.fields(self))})")
-        return dataclasses.replace(self, **overrides)
+                             f"LassoOptions ({', '.join(names)})")
+        fields = {name: getattr(self, name) for name in names}
+        fields.update({name: BY_STOP_RULE for name in self._by_stop_rule})
+        return LassoOptions(**{**fields, **overrides})
 
     def tol_for(self, op, dtype) -> float:
         """The tolerance in force: ``tol``, else the stop rule's default for op and dtype."""
@@ -225,7 +282,7 @@ class LassoOptions:
         return 1e-4 if isinstance(op, Linear) else 1e-5
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
 class LassoResult(NamedTuple):
@@ -314,17 +371,41 @@ def _certificates(delta, residual, grad, lam):
     return objective, gap, _per_sample_max(kkt_coord)
 
 
-@functools.partial(jax.jit, static_argnames=("restart", "stop", "continuation", "step_growth"))
+def _start(op, r, lam, delta0, step, continuation=None) -> _State:
+    """The loop's state before its first iteration, from the start δ0 (internal layout)."""
+    batch = r.shape[0]
+    grad0 = op.adjoint(op.apply(delta0) - r)
+    # ‖Aᵀr‖∞ is the λ above which δ = 0 is optimal; the path starts at half of it.
+    lam0 = lam if continuation is None else \
+        jnp.maximum(lam, _per_sample_max(jnp.abs(op.adjoint(r))) / 2)
+    return _State(delta=delta0, grad=grad0, delta_step=jnp.zeros_like(delta0),
+                  grad_step=jnp.zeros_like(grad0),
+                  beta=jnp.zeros((batch,), r.dtype), t=jnp.ones((batch,), r.dtype), lam=lam0,
+                  step=jnp.broadcast_to(jnp.asarray(step, r.dtype), (batch,)),
+                  active=jnp.ones((batch,), bool), iterations=jnp.zeros((batch,), jnp.int32),
+                  status=jnp.full((batch,), Status.MAX_ITER, jnp.int32),
+                  k=jnp.zeros((), jnp.int32))
+
+
 def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuation=None,
            step_growth=None):
-    """The FISTA loop on internal-layout arrays; see the module docstring.
+    """The whole FISTA loop on internal-layout arrays (traceable: vmapped by stacked solves).
 
     Returns the solution (internal layout) and the per-sample iterations and status.
     """
+    final = _iterate(op, r, lam, _start(op, r, lam, delta0, step, continuation), step, tol,
+                     max_iter, restart=restart, stop=stop, continuation=continuation,
+                     step_growth=step_growth)
+    return final.delta, final.iterations, final.status
+
+
+def _iterate(op, r, lam, state: _State, step, tol, k_stop, *, restart, stop,
+             continuation=None, step_growth=None) -> _State:
+    """FISTA iterations from ``state`` until its counter k reaches ``k_stop`` or no sample is
+    active; see the module docstring. ``step`` is the base step."""
     dtype = r.dtype
     step = jnp.asarray(step, dtype)
     tol = jnp.asarray(tol, dtype)
-    batch = r.shape[0]
 
     def residual_and_grad(z):
         residual = op.apply(z) - r
@@ -335,7 +416,7 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
         grad_scale = _per_sample_max(jnp.abs(op.adjoint(r)))
 
     def cond(s):
-        return (s.k < max_iter) & jnp.any(s.active)
+        return (s.k < k_stop) & jnp.any(s.active)
 
     def body(s):
         # A sample that has stopped takes steps of size 0 without momentum, which leave its
@@ -370,19 +451,34 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
 
         stage_lam = s.lam
         if stop == "gap":
-            objective, gap, grad_inf = _objective_and_gap(delta, residual, grad, s.lam)
-            # At λ ≈ 0 the KKT residual is ‖∇f‖∞ to within λ, below rounding here.
-            negligible_lam = lam <= jnp.finfo(dtype).eps * grad_scale
-            done = (gap <= tol * objective + rounding) | \
-                (negligible_lam & (grad_inf <= tol * grad_scale))
+            def gap_rule(_):
+                objective, gap, grad_inf = _objective_and_gap(delta, residual, grad, s.lam)
+                # At λ ≈ 0 the KKT residual is ‖∇f‖∞ to within λ, below rounding here.
+                negligible_lam = lam <= jnp.finfo(dtype).eps * grad_scale
+                done = (gap <= tol * objective + rounding) | \
+                    (negligible_lam & (grad_inf <= tol * grad_scale))
+                next_stage = jnp.zeros_like(done)
+                if continuation is not None:
+                    on_path = s.lam > lam
+                    next_stage = on_path & (gap <= _STAGE_TOL * objective + rounding)
+                    done = done & ~on_path
+                return done, ~jnp.isfinite(objective), next_stage
+
+            # The gap's reductions cost about a fifth of an iteration: they run on every
+            # GAP_EVERY-th iteration and on a segment's last.
+            check = ((s.k + 1) % GAP_EVERY == 0) | (s.k + 1 >= k_stop)
+            done, nonfinite, next_stage = lax.cond(
+                check, gap_rule, lambda _: (jnp.zeros_like(s.active),) * 3, None)
             if continuation is not None:
-                on_path = s.lam > lam
-                next_stage = accepted & on_path & (gap <= _STAGE_TOL * objective + rounding)
-                stage_lam = jnp.where(next_stage, jnp.maximum(lam, s.lam * continuation), s.lam)
+                next_stage = next_stage & accepted
+                # below rounding level (the λ ≈ 0 test) the path jumps to λ itself: a
+                # geometric path would never reach λ = 0
+                shrunk = s.lam * continuation
+                shrunk = jnp.where(shrunk <= jnp.finfo(dtype).eps * grad_scale, lam,
+                                   jnp.maximum(lam, shrunk))
+                stage_lam = jnp.where(next_stage, shrunk, s.lam)
                 t_next = jnp.where(next_stage, 1, t_next)  # a new problem: momentum restarts
                 beta_next = jnp.where(next_stage, 0, beta_next)
-                done = done & ~on_path
-            nonfinite = ~jnp.isfinite(objective)
         else:
             change = _per_sample_sum(jnp.abs(delta_step)) / math.prod(op.in_shape)
             done = change <= tol
@@ -420,17 +516,69 @@ def _fista(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuati
                       iterations=s.iterations + s.active.astype(jnp.int32),
                       status=jnp.where(s.active, status, s.status), k=s.k + 1)
 
-    grad0 = residual_and_grad(delta0)[1]
-    # ‖Aᵀr‖∞ is the λ above which δ = 0 is optimal; the path starts at half of it.
-    lam0 = lam if continuation is None else jnp.maximum(lam, grad_scale / 2)
-    state = _State(delta=delta0, grad=grad0, delta_step=jnp.zeros_like(delta0),
-                   grad_step=jnp.zeros_like(grad0),
-                   beta=jnp.zeros((batch,), dtype), t=jnp.ones((batch,), dtype), lam=lam0,
-                   step=jnp.broadcast_to(step, (batch,)),
-                   active=jnp.ones((batch,), bool), iterations=jnp.zeros((batch,), jnp.int32),
-                   status=jnp.full((batch,), Status.MAX_ITER, jnp.int32), k=jnp.zeros((), jnp.int32))
-    final = lax.while_loop(cond, body, state)
-    return final.delta, final.iterations, final.status
+    return lax.while_loop(cond, body, state)
+
+
+_STATIC = ("restart", "stop", "continuation", "step_growth")
+_start_jit = jax.jit(_start, static_argnames=("continuation",))
+# The state is donated: a segment's output reuses its input's buffers.
+_iterate_jit = jax.jit(_iterate, static_argnames=_STATIC, donate_argnames=("state",))
+
+
+def _rows(state: _State, rows) -> _State:
+    """The state of the samples ``rows`` (the loop counter k is shared)."""
+    return jax.tree.map(lambda a: a[rows] if a.ndim else a, state)
+
+
+def _solve(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuation=None,
+           step_growth=None):
+    """:func:`_fista` in segments of :data:`SEGMENT` iterations that shed stopped samples.
+
+    The batch iterates in lockstep, so a stopped sample costs as much per iteration as an
+    active one. After each segment, once at most half of the working rows are active, the
+    active samples' states move to a batch of the next smaller power-of-two width (padded with
+    stopped copies), so a batch costs about its samples' mean iterations rather than its slowest
+    sample's. Samples are independent under the per-sample stop rules, so the solution, counts
+    and status are those of one lockstep loop; under the batch-wide "reference" rule, for a
+    batch spread over several devices and under a trace the batch is solved in one piece.
+    """
+    static = dict(restart=restart, stop=stop, continuation=continuation,
+                  step_growth=step_growth)
+    state = _start_jit(op, r, lam, delta0, step, continuation=continuation)
+    if stop == "reference" or isinstance(r, jax.core.Tracer) or len(r.sharding.device_set) > 1:
+        final = _iterate_jit(op, r, lam, state, step, tol, max_iter, **static)
+        return final.delta, final.iterations, final.status
+    full = None          # every sample's state, written back at each compaction
+    rows = np.arange(r.shape[0])  # the sample of each working row; the first `real` are live
+    real = len(rows)
+    work, r_work, lam_work = state, r, lam
+    k = 0
+    while True:
+        k = min(k + SEGMENT, max_iter)
+        work = _iterate_jit(op, r_work, lam_work, work, step, tol, k, **static)
+        active = np.asarray(work.active)[:real]
+        if k >= max_iter or not active.any():
+            break
+        if active.sum() <= len(rows) // 2:
+            full = work if full is None else _write_back(full, work, rows[:real])
+            live = rows[:real][active]
+            real = len(live)
+            rows = np.concatenate([live, np.full(_next_pow2(real) - real, live[-1])])
+            work = _rows(full, rows)
+            work = work._replace(active=work.active.at[real:].set(False))
+            r_work, lam_work = r[rows], lam[rows]
+    if full is not None:
+        work = _write_back(full, work, rows[:real])
+    return work.delta, work.iterations, work.status
+
+
+def _write_back(full: _State, work: _State, rows) -> _State:
+    """``full`` with the samples ``rows`` replaced by the first len(rows) rows of ``work``."""
+    return jax.tree.map(lambda f, w: f.at[rows].set(w[:len(rows)]) if f.ndim else w, full, work)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -440,7 +588,7 @@ def _minimiser(op, r, lam, delta0, config):
     Differentiable in op, r and λ by implicit differentiation (:func:`_minimiser_bwd`); δ* does
     not depend on the start δ0."""
     step, tol, max_iter, restart, stop, continuation, step_growth = config
-    return _fista(op, r, lam, delta0, step, tol, max_iter, restart=restart, stop=stop,
+    return _solve(op, r, lam, delta0, step, tol, max_iter, restart=restart, stop=stop,
                   continuation=continuation, step_growth=step_growth)
 
 

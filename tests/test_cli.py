@@ -33,16 +33,19 @@ def test_convert_sample_invert(tmp_path):
     head = fj.Head.load(tmp_path / "bundle")
     feats = np.load(out)
     assert feats.shape == (5,) + head.in_shape
-    diagnostics = json.loads(out.with_suffix(".json").read_text())["samples"]
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    diagnostics = sidecar["samples"]
     assert [d["index"] for d in diagnostics] == list(range(5))
     assert all(d["status"] == 0 for d in diagnostics)
-    # Along a λ path, and with a growing step, the certified solve ends at the same objective,
-    # within the two gaps.
-    for flag, field, value in (("--continuation", "continuation", 0.2),
-                               ("--step-growth", "step_growth", 1.05)):
-        other = tmp_path / f"{field}.npy"
+    assert (sidecar["lasso"]["continuation"], sidecar["lasso"]["step_growth"]) == (0.2, 1.02)
+    # Without the λ path, at the fixed step, or with another growth factor the certified solve
+    # ends at the same objective, within the two gaps.
+    for flag, field, text, value in (("--continuation", "continuation", "none", None),
+                                     ("--step-growth", "step_growth", "None", None),
+                                     ("--step-growth", "step_growth", "1.05", 1.05)):
+        other = tmp_path / f"{field}_{text}.npy"
         assert main(["invert", str(tmp_path / "bundle"), str(tmp_path / "pngs"), "--out",
-                     str(other), flag, str(value), "--quiet"]) == 0
+                     str(other), flag, text, "--quiet"]) == 0
         record = json.loads(other.with_suffix(".json").read_text())
         assert record["lasso"][field] == value
         for plain, d in zip(diagnostics, record["samples"]):

@@ -87,10 +87,21 @@ def test_continuation_path_ends_at_the_lasso_solution(x64):
     _assert_certified_sklearn_minimiser(w, o, anchor, 1e-3 * lam_max, continuation=0.2)
     # λ above half of λ_max: the path has one stage, so the solve is the plain one
     big = 0.7 * lam_max
-    plain = fj.solve_lasso(fj.Linear(w), o, big, anchor=anchor)
+    plain = fj.solve_lasso(fj.Linear(w), o, big, anchor=anchor, continuation=None)
     path = fj.solve_lasso(fj.Linear(w), o, big, anchor=anchor, continuation=0.2)
     np.testing.assert_array_equal(np.asarray(path.z), np.asarray(plain.z))
     np.testing.assert_array_equal(np.asarray(path.iterations), np.asarray(plain.iterations))
+
+
+def test_default_path_reaches_lambda_zero_least_squares(x64):
+    # λ = 0 on an overdetermined full-rank system: the unique minimiser is the least-squares
+    # solution, and the default λ path (geometric from ‖Aᵀr‖∞/2) must still end at λ = 0.
+    rng = np.random.default_rng(8)
+    w, o = rng.normal(size=(30, 6)), rng.normal(size=(2, 30))
+    res = fj.solve_lasso(fj.Linear(w), o, 0.0)
+    assert fj.LassoOptions().continuation is not None
+    assert bool(jnp.all(res.converged))
+    np.testing.assert_allclose(res.z, np.linalg.lstsq(w, o.T, rcond=None)[0].T, atol=1e-5)
 
 
 def test_growing_step_ends_at_the_lasso_solution_in_fewer_iterations(x64):
@@ -98,8 +109,10 @@ def test_growing_step_ends_at_the_lasso_solution_in_fewer_iterations(x64):
     # unknowns, 25 rows, λ = 1e-3 λ_max): scikit-learn's minimiser, certified, and since the
     # step grows past 1/L along the flat directions the fixed step crawls in, fewer iterations.
     w, o, anchor, lam_max = _anchored_linear_problem(4, 25, 80)
-    fixed = _assert_certified_sklearn_minimiser(w, o, anchor, 1e-3 * lam_max)
-    grown = _assert_certified_sklearn_minimiser(w, o, anchor, 1e-3 * lam_max, step_growth=1.02)
+    fixed = _assert_certified_sklearn_minimiser(w, o, anchor, 1e-3 * lam_max, step_growth=None,
+                                                continuation=None)
+    grown = _assert_certified_sklearn_minimiser(w, o, anchor, 1e-3 * lam_max, step_growth=1.02,
+                                                continuation=None)
     assert np.all(np.asarray(grown.iterations) < np.asarray(fixed.iterations))
     # A transposed convolution: the KKT conditions of the certified solution.
     rng = np.random.default_rng(1)
@@ -141,11 +154,13 @@ def test_returned_features_have_the_lasso_solutions_exact_zeros(x64):
 def test_property_kkt_and_certificates_on_random_problems(x64, m, n, batch, lam, seed):
     """tol 1e-12, then KKT and the objective checked independently of the solver.
 
-    A sample either stops certified, or runs to max_iter with its reported gap at the float64
+    A sample either stops certified, or runs to max_iter because tol·P is below the float64
     rounding level of the gap's own sum, ε·‖δ‖₁·(λ + ‖Aᵀr‖∞) (times a few for the matvecs'
     rounding): with P* ≈ λ‖δ*‖₁ tiny (a small λ on an exactly solvable system) tol·P is below
     what float64 can certify, and the stop rule's rounding term ε·½‖r‖² does not cover that sum
-    (a known limit, noted in issue 11). Either way the KKT conditions must hold."""
+    (a known limit, noted in issue 11). Such a sample's gap need not reach rounding level
+    either: at λ = 1e-8 on a 1 × 2 system FISTA's O(1/k²) leaves it near 1e-9 after 10⁵
+    iterations. Either way the KKT conditions must hold."""
     rng = np.random.default_rng(seed)
     op = fj.Linear(rng.normal(size=(m, n)), rng.normal(size=m))
     o, anchor = rng.normal(size=(batch, m)), rng.normal(size=n)
@@ -156,7 +171,8 @@ def test_property_kkt_and_certificates_on_random_problems(x64, m, n, batch, lam,
     rounding = 16 * np.finfo(np.float64).eps * (
         0.5 * (r ** 2).sum(axis=1) + delta_l1 * (lam + np.abs(r @ a).max(axis=1)))
     capped = ~np.asarray(res.converged)
-    assert np.all(np.asarray(res.gap)[capped] <= rounding[capped]), (res.status, res.gap)
+    uncertifiable = 1e-12 * np.asarray(res.objective) <= rounding
+    assert np.all(uncertifiable[capped]), (res.status, res.gap, res.objective)
     # A certified gap ε bounds the KKT residual by about sqrt(2Lε), not by ε itself.
     assert np.all(_kkt_violation(op, o, lam, res.z, anchor) <= 1e-5)
     np.testing.assert_allclose(res.objective, _objective(op, o, lam, res.z, anchor), rtol=1e-9,
@@ -320,15 +336,41 @@ def test_change_rule_stops_and_freezes_each_sample_on_its_own(x64):
         np.testing.assert_array_equal(joint.z[i], runs[-1])
 
 
+@pytest.mark.parametrize("options", [dict(), dict(step_growth=1.02, continuation=0.2),
+                                     dict(stop="change", tol=1e-7)])
+def test_shedding_stopped_samples_leaves_each_sample_as_solved_alone(x64, monkeypatch, options):
+    """Samples that stop early leave the working batch (segments shortened here so that a small
+    problem sheds several times); each sample's solution, count and status are still those of
+    the same sample solved on its own."""
+    rng = np.random.default_rng(13)
+    op = _small_dcgan_layer(rng)
+    scales = np.array([0.02, 3.0, 0.1, 1.0, 0.3, 2.0])
+    o = rng.normal(size=(6,) + op.out_shape) * scales[:, None, None, None]
+    kwargs = dict(lipschitz=op.lipschitz(), max_iter=20000, **options)
+    widths = []
+    iterate = lasso_module._iterate_jit
+    monkeypatch.setattr(lasso_module, "_iterate_jit",
+                        lambda op, r, *a, **k: widths.append(r.shape[0]) or iterate(op, r, *a, **k))
+    monkeypatch.setattr(lasso_module, "SEGMENT", 8)
+    joint = fj.solve_lasso(op, o, 0.02, **kwargs)
+    assert bool(jnp.all(joint.converged))
+    assert widths[0] == 6 and min(widths) < 6, widths  # it did shed
+    for i in range(len(o)):
+        alone = fj.solve_lasso(op, o[i:i + 1], 0.02, **kwargs)
+        np.testing.assert_array_equal(joint.z[i], alone.z[0])
+        assert int(joint.iterations[i]) == int(alone.iterations[0])
+        assert int(joint.status[i]) == int(alone.status[0])
+
+
 def test_no_recompilation_for_a_second_batch():
     rng = np.random.default_rng(6)
     op = _small_dcgan_layer(rng, np.float32, channels=5, size=7)
-    before = lasso_module._fista._cache_size()
+    before = lasso_module._iterate_jit._cache_size()
     for seed in range(3):
         o = np.random.default_rng(seed).normal(size=(4,) + op.out_shape).astype(np.float32)
         fj.solve_lasso(op, o, 0.01 * (seed + 1), max_iter=50 + seed, tol=1e-4 / (seed + 1),
                        lipschitz=1.0)
-    assert lasso_module._fista._cache_size() == before + 1
+    assert lasso_module._iterate_jit._cache_size() == before + 1
 
 
 def test_float32_agrees_with_float64():
@@ -378,12 +420,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
     o = rng.normal(size=(16,) + op.out_shape).astype(np.float32)
     zbar = np.abs(rng.normal(size=op.in_shape)).astype(np.float32)
     lam = np.linspace(0.001, 0.1, 16).astype(np.float32)
-    single = fj.solve_lasso(op, o, lam, anchor=zbar, max_iter=110)
+    single = fj.solve_lasso(op, o, lam, anchor=zbar, max_iter=180)
     assert set(np.asarray(single.status).tolist()) == {0, 1}  # some converged, some capped
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     shard = NamedSharding(mesh, P("batch"))
     sharded = fj.solve_lasso(op, jax.device_put(o, shard), jax.device_put(lam, shard),
-                             anchor=zbar, max_iter=110)
+                             anchor=zbar, max_iter=180)
     assert len(sharded.z.sharding.device_set) == 8, sharded.z.sharding
     np.testing.assert_allclose(np.asarray(sharded.z), np.asarray(single.z), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(sharded.status), np.asarray(single.status))

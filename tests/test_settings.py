@@ -47,6 +47,33 @@ def test_lasso_options_refuse_bad_values(kwargs, message):
         fj.LassoOptions(**kwargs)
 
 
+def test_growing_step_and_lambda_path_defaults_follow_the_stop_rule():
+    """The certified rule takes both levers, the per-sample change rule the growing step only
+    (its path would have no gap to steer it), the reference's rule neither; a rule changed by
+    replace() re-derives them, a value set explicitly is kept (and checked)."""
+    ours = fj.LassoOptions()
+    assert (ours.continuation, ours.step_growth) == (0.2, 1.02)
+    change = ours.replace(stop="change")
+    assert (change.continuation, change.step_growth) == (None, 1.02)
+    assert change.replace(stop="gap") == ours
+    reference = ours.replace(stop="reference")
+    assert (reference.continuation, reference.step_growth) == (None, None)
+    assert fj.LassoOptions(step_growth=None).replace(stop="change").step_growth is None
+    with pytest.raises(ValueError, match="step_growth=1.05 with stop='reference'"):
+        fj.LassoOptions(step_growth=1.05).replace(stop="reference")
+
+
+def test_solver_records_written_before_the_levers_existed_read_as_off(tmp_path):
+    """A sidecar or detector whose solver record predates continuation and step_growth was
+    solved without them: reading it must not switch on today's defaults."""
+    assert fj.LassoOptions.from_json(fj.LassoOptions().to_json()) == fj.LassoOptions()
+    legacy = {k: v for k, v in fj.LassoOptions().to_json().items()
+              if k not in ("continuation", "step_growth")}
+    old = fj.LassoOptions.from_json(legacy)
+    assert (old.continuation, old.step_growth) == (None, None)
+    assert fj.FeatureConfig("flipad", lasso=legacy).lasso == old
+
+
 def test_unknown_solver_setting_is_named():
     with pytest.raises(ValueError, match="mode: not a solver setting"):
         fj.LassoOptions().replace(mode="paper")
