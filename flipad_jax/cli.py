@@ -78,8 +78,8 @@ def _add_invert_parser(subparsers):
     p.add_argument("--step-growth", type=optional_float, default=BY_STOP_RULE,
                    metavar="GAMMA|none",
                    help="backtracking with a step growing by GAMMA per accepted step; none: "
-                        "the fixed step 1/L (fast mode; default: the stop rule's, 1.02; "
-                        "LassoOptions.step_growth)")
+                        "the fixed step 1/L (fast mode; default: the stop rule's, 1.02 for the "
+                        "certified stop; LassoOptions.step_growth)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--pool-to", type=optional_int, default=None, metavar="N|none",
                    help="max-pool the features to N×N as a FLIPAD detector does (default none: "

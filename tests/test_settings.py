@@ -48,17 +48,17 @@ def test_lasso_options_refuse_bad_values(kwargs, message):
 
 
 def test_growing_step_and_lambda_path_defaults_follow_the_stop_rule():
-    """The certified rule takes both levers, the per-sample change rule the growing step only
-    (its path would have no gap to steer it), the reference's rule neither; a rule changed by
-    replace() re-derives them, a value set explicitly is kept (and checked)."""
+    """The certified rule takes both levers, the heuristic rules neither (their tolerance is
+    in step lengths); a rule changed by replace() re-derives them, a value set explicitly is
+    kept (and checked)."""
     ours = fj.LassoOptions()
     assert (ours.continuation, ours.step_growth) == (0.2, 1.02)
     change = ours.replace(stop="change")
-    assert (change.continuation, change.step_growth) == (None, 1.02)
+    assert (change.continuation, change.step_growth) == (None, None)
     assert change.replace(stop="gap") == ours
     reference = ours.replace(stop="reference")
     assert (reference.continuation, reference.step_growth) == (None, None)
-    assert fj.LassoOptions(step_growth=None).replace(stop="change").step_growth is None
+    assert fj.LassoOptions(step_growth=1.05).replace(stop="change").step_growth == 1.05
     with pytest.raises(ValueError, match="step_growth=1.05 with stop='reference'"):
         fj.LassoOptions(step_growth=1.05).replace(stop="reference")
 

@@ -106,11 +106,11 @@ def test_padding_repeats_the_last_row_and_is_dropped_again():
 def test_invert_in_batches_cuts_padding_from_every_output():
     w = _tiny_head_weight()
     head, x = tiny_head(w), _tiny_images(w, 11, seed=1, noise=0.05)
-    whole = head.invert(x, max_iter=55)
+    whole = head.invert(x, max_iter=144)
     # Some samples stop on their own and some hit the cap, so equal statuses and iteration
     # counts below say something.
     assert set(np.asarray(whole.status).tolist()) == {0, 1}
-    res = head.invert_batches(x, batch_size=4, max_iter=55)  # 4, 4, 3 (padded to 4)
+    res = head.invert_batches(x, batch_size=4, max_iter=144)  # 4, 4, 3 (padded to 4)
     assert res.z.shape == (11,) + head.in_shape
     assert all(getattr(res, k).shape == (11,) for k in ("iterations", "objective", "gap",
                                                         "status", "clipped"))
@@ -157,7 +157,7 @@ def test_inversion_on_eight_devices_equals_one_device(tmp_path):
     head = tiny_head(np.load({str(tmp_path / 'w.npy')!r}))
     x = np.load({str(tmp_path / 'x.npy')!r})
     # Per-sample stopping: one unsharded solve of all 37 on device 0 is the reference.
-    kw = dict(lam=5e-4, max_iter=60)
+    kw = dict(lam=5e-4, max_iter=144)
     single = head.invert(x, **kw)
     assert len(single.z.sharding.device_set) == 1
     assert set(np.asarray(single.status).tolist()) == {{0, 1}}  # some converged, some capped
