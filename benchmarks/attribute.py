@@ -37,15 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from converters.demo import FULL, solver_options
 from flipad_jax.attribute import geometry_key, invert_stacked
 from flipad_jax.datasets import fashion_mnist
 from flipad_jax.head import Head
 from flipad_jax.images import pixels_to_range
-from flipad_jax.lasso import LassoOptions
 
 NAMES = ("dcgan", "wgangp", "lsgan", "ebgan", "dcgan_seed1")
 LAM = 5e-4
-OPTIONS = LassoOptions(tol=1e-2, max_iter=50)  # the demo's solver
+OPTIONS = solver_options(FULL)  # the demo's solver
 
 
 def demo_heads(bundles: Path) -> dict:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.demo import FAMILIES, FULL, NETWORK_WIDTHS, PAPER, PAPER_WIDTHS, _bundles, _samples
+from converters.demo import (CONVERGED, FAMILIES, FULL, NETWORK_WIDTHS, PAPER, PAPER_WIDTHS,
+                             _bundles, _samples, solver_options)
 from flipad_jax.deepsad import DeepSADConfig, fit_deepsad
 from flipad_jax.lasso import LassoOptions
 
@@ -62,14 +63,14 @@ def main():
 
     work = Path(args.work)
     heads = _bundles(WEIGHTS_DIR, work, FULL, FAMILIES, False)
-    demo = LassoOptions(tol=FULL.tol, max_iter=FULL.max_iter)
+    demo = solver_options(FULL)
     inversion, iterations = {}, {}
     for g, head in heads.items():
         images = _samples(WEIGHTS_DIR, work, g, "val", args.n_invert, head.output_range, 0)
         images = images[:args.n_invert]
         inversion_seconds(head, images, demo)  # compiles
         demo_s, _ = inversion_seconds(head, images, demo)
-        conv_s, iters = inversion_seconds(head, images, LassoOptions(tol=1e-3, max_iter=10000))
+        conv_s, iters = inversion_seconds(head, images, solver_options(FULL._replace(**CONVERGED)))
         inversion[g] = {"demo": demo_s, "converged": conv_s}
         iterations[g] = {"median": float(np.median(iters)), "max": int(iters.max())}
 

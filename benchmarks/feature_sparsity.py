@@ -32,8 +32,12 @@ def load_solver(path):
 
 def measure(solver, head, o, caps) -> dict:
     rows = {}
+    # the demo's fixed step without a λ path, in a module whose certified default has both
+    demo = dict(step_growth=None, continuation=None) if hasattr(solver, "STOP_RULE_DEFAULTS") \
+        else {}
     for cap in caps:
-        res = solver.solve_lasso(head.op, o, 5e-4, anchor=head.zbar, tol=1e-2, max_iter=cap)
+        res = solver.solve_lasso(head.op, o, 5e-4, anchor=head.zbar, tol=1e-2, max_iter=cap,
+                                 **demo)
         delta = np.asarray(res.z) - np.asarray(head.zbar)[None]
         rows[str(cap)] = {"zero_fraction": float(np.mean(delta == 0)),
                           "objective_mean": float(np.mean(res.objective)),

@@ -53,7 +53,6 @@ per-stage seconds and shares, verdict agreement, load average, versions).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -113,11 +112,14 @@ def prepare(work: Path, weights: Path, n_fit: int, n_val: int, n_test: int, zbar
 def fitted_detector(work: Path, head, n_fit: int, epochs: int, batch: int, lasso):
     """Our FLIPAD detector on fit/g (+1) vs fit/real (−1), thresholds on val/g, its features
     solved with ``lasso`` (a :class:`flipad_jax.LassoOptions`); saved in a folder named by the
-    stop rule and tolerance, or loaded when a previous run saved it."""
+    stop rule, tolerance and a hash of all the solver settings, or loaded when a previous run
+    saved it."""
     import flipad_jax as fj
     from flipad_jax.images import list_images, read_images
 
-    path = work / f"detector_{lasso.stop}_{lasso.tol_for(head.op, head.zbar.dtype):g}"
+    settings = hashlib.sha256(json.dumps(lasso.to_json(), sort_keys=True).encode()).hexdigest()
+    path = work / (f"detector_{lasso.stop}_{lasso.tol_for(head.op, head.zbar.dtype):g}_"
+                   f"{settings[:8]}")
     if path.exists():
         return fj.Detector.load(path, head=head, progress=False)
     read = lambda d: read_images(list_images(work / d), head.output_range)  # noqa: E731
@@ -279,9 +281,11 @@ def run(args) -> dict:
     labels = np.r_[np.ones(args.n_images // 2, bool), np.zeros(args.n_images // 2, bool)]
     batches = [refs[i:i + args.batch] for i in range(0, len(refs), args.batch)]
 
-    # warm-up: every batch shape once (ours: the solver capped at one iteration, no recompile)
+    # warm-up: ours runs every batch once (its solver compiles a program for each width it
+    # sheds stopped samples to), the reference every batch shape
+    for b in batches:
+        ours_batch(Clock(), det, net, b, lasso)
     for size in sorted({len(b) for b in batches}):
-        ours_batch(Clock(), det, net, batches[0][:size], dataclasses.replace(lasso, max_iter=1))
         o = ref._read(batches[0][:size])
         z, _ = ref._invert(torch.atanh(o.clamp(-1 + CLIP, 1 - CLIP)), max_iter=3)
         ref.scores((z - ref.mean) / (ref.std + ref.eps))
@@ -321,7 +325,7 @@ def run(args) -> dict:
         "n_images": len(refs), "batch": args.batch, "detector_fit_s": round(fit_s, 1),
         "detector": {"n_fit_per_class": args.n_fit, "n_val": args.n_val,
                      "deepsad_epochs": args.epochs, "fnr": FNR, "lam": LAM,
-                     "lasso": dataclasses.asdict(lasso), "lipschitz": float(head.lipschitz)},
+                     "lasso": lasso.to_json(), "lipschitz": float(head.lipschitz)},
         "device": (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
                    f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch "
                    f"{torch.__version__} on {args.device} ({torch.get_num_threads()} threads)"),

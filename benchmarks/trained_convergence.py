@@ -78,7 +78,8 @@ def float64_problem(bundle, images, batch):
 
 def solve(op, o, zbar, iters, lipschitz, continuation=None):
     """Our solver capped at ``iters`` (a gap tolerance it never meets, so the cap decides)."""
-    options = fj.LassoOptions(max_iter=iters, tol=1e-12, continuation=continuation)
+    options = fj.LassoOptions(max_iter=iters, tol=1e-12, continuation=continuation,
+                              step_growth=None)  # the fixed step these rows were measured at
     return fj.solve_lasso(op, o, LAM, anchor=zbar, options=options, lipschitz=lipschitz)
 
 
@@ -218,7 +219,7 @@ def levers(op, o, zbar, lipschitz, p_star):
     diagonal = diagonal_steps(op, o.dtype)
     def library(k, **options):  # the solver itself, capped at k (a tolerance it never meets)
         res = fj.solve_lasso(op, o, LAM, anchor=zbar, lipschitz=lipschitz, max_iter=k,
-                             tol=1e-12, **options)
+                             tol=1e-12, **{"continuation": None, "step_growth": None, **options})
         return op.to_internal(res.z - zbar[None]), res.iterations
 
     def fixed(k, steps):
@@ -257,7 +258,8 @@ def certify_random(etas, batch):
         lipschitz = p["op"].lipschitz()
         for eta in (None, *etas):
             res = fj.solve_lasso(p["op"], p["o"], LAM, anchor=p["zbar"], lipschitz=lipschitz,
-                                 options=fj.LassoOptions(max_iter=20000, continuation=eta))
+                                 options=fj.LassoOptions(max_iter=20000, continuation=eta,
+                                                         step_growth=None))
             rows.append(dict(layer=name, eta=eta, iterations_max=int(res.iterations.max()),
                              iterations_mean=float(res.iterations.mean()),
                              converged=int(res.converged.sum())))
