@@ -85,7 +85,9 @@ class DemoSettings(NamedTuple):
     max_iter: int = 2000
     # The demo's solver is FISTA at the fixed step 1/L without a λ path (LassoOptions' defaults
     # until its certified default took both): every recorded demo figure used it, and a
-    # 50-iteration solve on the path would stop at a larger λ. --converged takes both.
+    # 50-iteration solve on the path would stop at a larger λ. --converged takes both. (The gap
+    # is now checked every 8 iterations; on the shipped heads no image reaches tol 1e-2 within
+    # 50, and the features of 64 validation images per G were identical to the old solver's.)
     step_growth: Optional[float] = None
     continuation: Optional[float] = None
     pool_to: int = 16

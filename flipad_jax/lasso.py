@@ -58,7 +58,8 @@ Certificates, per sample, at a point δ (ρ = r − Aδ, g = −Aᵀρ = ∇f(δ
   residual and gradient themselves, measured below);
 * KKT residual: ‖dist(−g, λ ∂‖δ‖₁)‖∞, i.e. |gⱼ + λ sign δⱼ| on the support, max(|gⱼ| − λ, 0) off it.
 
-Stopping rules (``stop=``), each checked after every iteration:
+Stopping rules (``stop=``), the change rules checked after every iteration, the gap rule on
+the schedule given below:
 
 * ``"gap"`` (default): a sample stops when gap(δ⁺) ≤ tol · P(δ⁺) + ε · ½‖r‖²: its objective is
   certified within a relative ``tol`` of the optimum. The second term (ε the dtype's machine
@@ -132,11 +133,13 @@ from flipad_jax.operators import Linear
 
 _STOP_RULES = ("gap", "change", "reference")
 _STAGE_TOL = 1e-2  # relative gap that ends a stage of the λ path (continuation)
-# Iterations between the checks that shed stopped samples (:func:`_solve`): a host round trip
-# each, against up to this many iterations of a batch wider than its active samples need.
-SEGMENT = 256
-# The certified rule checks the gap every GAP_EVERY iterations (SEGMENT is a multiple of it).
+# The certified rule checks the gap every GAP_EVERY iterations, and at every segment's end.
 GAP_EVERY = 8
+# Iterations between the checks that shed stopped samples (:func:`_solve`): a host round trip
+# each, against up to this many iterations of a batch wider than its active samples need. A
+# multiple of GAP_EVERY, so that segment ends do not change when a sample is checked and the
+# shedding driver agrees with the one-piece loop (stacked solves).
+SEGMENT = 32 * GAP_EVERY
 # Largest growing step, in base steps 1/L (the shipped trained heads' steps grow to about 100).
 MAX_STEP_GROWTH = 2.0 ** 16
 _STARTS = ("anchor", "reference")
@@ -193,7 +196,8 @@ class LassoOptions:
       tol: tolerance of the stop rule; None: "gap" 1e-3 relative in float32, 1e-6 in float64;
         "change" and "reference" 1e-5, or 1e-4 for Linear, as in the reference.
       stop: "gap" (certified), "change" (per sample) or "reference" (batch-wide).
-      step: fixed step size; None: 1/(lipschitz_margin · L).
+      step: the (base) step size; None: 1/(lipschitz_margin · L). With ``step_growth`` the
+        step grows from it and never goes below it.
       restart: adaptive (gradient-scheme) restart of the momentum.
       start: "anchor" (z₀ = z̄) or "reference" (z₀ = 2z̄, the reference's δ₀ = z̄); an explicit
         ``init=`` array to :func:`solve_lasso` overrides it.
@@ -210,8 +214,9 @@ class LassoOptions:
         Default by stop rule: 1.02 under "gap", else None.
 
     The two settings left at ``BY_STOP_RULE`` take the stop rule's default when the options are
-    made, and again in :meth:`replace` when the stop rule changes; the fields then hold those
-    values, so :meth:`to_json` records the settings the solve ran with.
+    made; the fields then hold those values, so :meth:`to_json` records the settings the solve
+    ran with. When :meth:`replace` changes the stop rule, a setting holding the old rule's
+    default takes the new rule's (so options read back from JSON behave as the ones written).
     """
 
     max_iter: int = 20000
@@ -223,19 +228,14 @@ class LassoOptions:
     lipschitz_margin: float = 1.01
     continuation: Optional[float] = BY_STOP_RULE
     step_growth: Optional[float] = BY_STOP_RULE
-    # which of the two took the stop rule's default (so that replace() re-derives them)
-    _by_stop_rule: frozenset = dataclasses.field(default=frozenset(), init=False, repr=False,
-                                                 compare=False)
 
     def __post_init__(self):
         check_int("max_iter", self.max_iter, minimum=0)
         if self.stop not in _STOP_RULES:
             raise ValueError(f"stop={self.stop!r}: expected one of {_STOP_RULES}")
-        derived = frozenset(name for name in STOP_RULE_DEFAULTS[self.stop]
-                            if getattr(self, name) is BY_STOP_RULE)
-        for name in derived:
-            object.__setattr__(self, name, STOP_RULE_DEFAULTS[self.stop][name])
-        object.__setattr__(self, "_by_stop_rule", derived)
+        for name, default in STOP_RULE_DEFAULTS[self.stop].items():
+            if getattr(self, name) is BY_STOP_RULE:
+                object.__setattr__(self, name, default)
         if self.start not in _STARTS:
             raise ValueError(f"start={self.start!r}: expected one of {_STARTS}")
         if self.tol is not None:
@@ -271,15 +271,18 @@ class LassoOptions:
                       **overrides})
 
     def replace(self, **overrides) -> "LassoOptions":
-        """A copy with some fields changed; an unknown name is a ValueError. Settings that took
-        the stop rule's default take the new rule's."""
-        names = [f.name for f in dataclasses.fields(self) if f.init]
+        """A copy with some fields changed; an unknown name is a ValueError. With another stop
+        rule, settings holding the old rule's default take the new rule's."""
+        names = [f.name for f in dataclasses.fields(self)]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not a solver setting; expected fields of "
                              f"LassoOptions ({', '.join(names)})")
         fields = {name: getattr(self, name) for name in names}
-        fields.update({name: BY_STOP_RULE for name in self._by_stop_rule})
+        if overrides.get("stop", self.stop) != self.stop:
+            fields.update({name: BY_STOP_RULE
+                           for name, default in STOP_RULE_DEFAULTS[self.stop].items()
+                           if fields[name] == default})
         return LassoOptions(**{**fields, **overrides})
 
     def tol_for(self, op, dtype) -> float:
@@ -291,7 +294,7 @@ class LassoOptions:
         return 1e-4 if isinstance(op, Linear) else 1e-5
 
     def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return dataclasses.asdict(self)
 
 
 class LassoResult(NamedTuple):
@@ -450,9 +453,9 @@ def _iterate(op, r, lam, state: _State, step, tol, k_stop, *, restart, stop,
             # non-finite step taken at it is reported, not retried
             moved_sq = _per_sample_sum(jnp.square(moved))
             accepted = (s.step * curvature <= moved_sq) | (s.step <= step)
-            # A step that did not move (δ held at 0 by the threshold) or moved only where A
-            # has no curvature says nothing of the step's limit: it does not grow the step, and
-            # the step stays below MAX_STEP_GROWTH times the base, so that halving brings it
+            # A step that did not move (δ held at 0 by the threshold) says nothing of the
+            # step's limit and does not grow it; and the step stays below MAX_STEP_GROWTH times
+            # the base (moves where A has no curvature always pass), so that halving brings it
             # back within a few steps (unbounded, it reached inf and never came back).
             grown = jnp.where(moved_sq > 0, jnp.minimum(s.step * step_growth,
                                                         step * MAX_STEP_GROWTH), s.step)
@@ -551,8 +554,9 @@ _iterate_jit = jax.jit(_iterate, static_argnames=_STATIC, donate_argnames=("stat
 
 
 def _rows(state: _State, rows) -> _State:
-    """The state of the samples ``rows`` (the loop counter k is shared)."""
-    return jax.tree.map(lambda a: a[rows] if a.ndim else a, state)
+    """The state of the samples ``rows`` (a copy of the shared loop counter k: the next segment
+    donates its input)."""
+    return jax.tree.map(lambda a: a[rows] if a.ndim else jnp.copy(a), state)
 
 
 def _solve(op, r, lam, delta0, step, tol, max_iter, *, restart, stop, continuation=None,
@@ -745,9 +749,11 @@ def solve_lasso(op, o, lam, *, anchor=None, init=None, options: Optional[LassoOp
     differentiation at the solution (module docstring); not through ``init``, on which the
     minimiser does not depend.
 
-    The loop is one jit-compiled ``lax.while_loop``: calls with the same shapes, dtypes and
-    static options (stop rule, restart) reuse the compiled program; λ, tol, step and max_iter are
-    traced values. Sharded ``o`` (batch axis) gives a sharded solve.
+    The loop is a jit-compiled ``lax.while_loop`` run in segments from the host, which shed
+    stopped samples into narrower power-of-two batches (module docstring): calls with the same
+    shapes, dtypes and static options (stop rule, restart, the levers) reuse the compiled
+    programs, one per batch width reached (up to about log₂ B for a batch of B); λ, tol, step and
+    max_iter are traced values. Sharded ``o`` (batch axis) gives a sharded solve, in one piece.
     """
     opts = (options or LassoOptions()).replace(**overrides)
     stop, restart, max_iter = opts.stop, opts.restart, opts.max_iter

@@ -67,6 +67,9 @@ def test_solver_records_written_before_the_levers_existed_read_as_off(tmp_path):
     """A sidecar or detector whose solver record predates continuation and step_growth was
     solved without them: reading it must not switch on today's defaults."""
     assert fj.LassoOptions.from_json(fj.LassoOptions().to_json()) == fj.LassoOptions()
+    # read back, the defaults still follow a change of stop rule
+    read = fj.LassoOptions.from_json(fj.LassoOptions().to_json())
+    assert read.replace(stop="reference") == fj.LassoOptions(stop="reference")
     legacy = {k: v for k, v in fj.LassoOptions().to_json().items()
               if k not in ("continuation", "step_growth")}
     old = fj.LassoOptions.from_json(legacy)
