@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from converters._workdir import prepare_work
 from converters.demo_sminv import KIND as SMINV, sminv_scores, subset_note
 from flipad_jax.features import FeatureConfig
+from flipad_jax.lasso import STOP_RULE_DEFAULTS, LassoOptions
 
 # method → feature kind of its Detector; SM-Inv₂ (demo_sminv.KIND) runs beside them
 METHODS = {"flipad": "flipad", "rawpad": "raw", "dctpad": "dct", "sm_f": "sm_f"}
@@ -128,7 +129,7 @@ PAPER = FULL._replace(n_train=10000, rep_dim=128, widths="paper", real_train="tr
 # growing step and λ path: lasso.STOP_RULE_DEFAULTS["gap"]) for --converged, instead of the
 # demo's 50 iterations at tol 1e-2. With the fixed step no image of the shipped GANs' heads
 # certified within 10 000 iterations.
-CONVERGED = dict(tol=1e-3, max_iter=20000, step_growth=1.02, continuation=0.2)
+CONVERGED = dict(tol=1e-3, max_iter=20000, **STOP_RULE_DEFAULTS["gap"])
 
 
 def stage_settings(settings: DemoSettings) -> dict:
@@ -323,8 +324,6 @@ def _real(settings: DemoSettings, data) -> dict:
 
 def solver_options(settings: DemoSettings):
     """The demo's FLIPAD lasso settings (:class:`~flipad_jax.LassoOptions`)."""
-    from flipad_jax.lasso import LassoOptions
-
     return LassoOptions(tol=settings.tol, max_iter=settings.max_iter,
                         step_growth=settings.step_growth, continuation=settings.continuation)
 

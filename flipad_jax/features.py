@@ -314,4 +314,4 @@ class FeatureConfig:
         return dct_features(images, self.crop)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "lasso": self.lasso.to_json()}
+        return asdict(self)

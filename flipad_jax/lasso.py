@@ -37,9 +37,9 @@ Restart (O'Donoghue & Candès 2015, gradient scheme), per sample: when
 
 Growing step (``step_growth=γ``; by default γ = 1.02 under the certified stop), per sample:
 backtracking in the manner of Beck & Teboulle's, with a step that may grow past 1/L. After each
-step that passes the sufficient-decrease test f(δ⁺) ≤ f(y) + ⟨∇f(y), δ⁺ − y⟩ + ‖δ⁺ − y‖²/2s the step grows by γ;
-after one that fails the sample keeps its state, halves its step (never below the base step,
-which always passes) and retries the same y. f is quadratic, so the test is
+step that passes the sufficient-decrease test f(δ⁺) ≤ f(y) + ⟨∇f(y), δ⁺ − y⟩ + ‖δ⁺ − y‖²/2s
+the step grows by γ; after one that fails the sample keeps its state, halves its step (never
+below the base step, which always passes) and retries the same y. f is quadratic, so the test is
 s⟨δ⁺ − y, ∇f(δ⁺) − ∇f(y)⟩ ≤ ‖δ⁺ − y‖², from arrays the loop has anyway. It pays on trained
 heads, where A has far more columns than rows and 1/L is set by directions the iterate no
 longer moves along: the curvature ‖A(δ⁺ − y)‖²/‖δ⁺ − y‖² along FISTA's steps there is about
@@ -103,14 +103,15 @@ momentum, which leave their iterate exactly as it is (a non-finite one stays non
 per-sample stop rules the loop runs in segments of :data:`SEGMENT` iterations and, once at most
 half of a batch's samples are active, carries on with those alone in a batch half as wide (or
 narrower; :func:`_solve`): a batch then costs about its samples' mean iterations, not its
-slowest sample's, with each sample's result unchanged. An iteration's elementwise work is memory-bound on a CPU (at batch
-64 on the DCGAN head it took 2–3× the time of the forward + adjoint pair), so the loop keeps few
-full-size arrays: the iterate, its gradient and the last step of each (never the extrapolated
-point), and the gap is assembled from per-sample reductions. Every setting lives in
-:class:`LassoOptions`, whose defaults are ours (base step 1/L growing by 1.02, restarts, the
-certified stop along a λ path, at most 20 000 iterations); ``LassoOptions.paper(op)`` is the reference solver: fixed step 0.025
-(0.001 for :class:`~flipad_jax.Linear`, its tabular setting), no restart, the ``"reference"`` stop
-rule with tol 1e-5 (1e-4 for :class:`~flipad_jax.Linear`), 10000 iterations, and the reference's
+slowest sample's, with each sample's result unchanged. An iteration's elementwise work is
+memory-bound on a CPU (at batch 64 on the DCGAN head it took 2–3× the time of the forward +
+adjoint pair), so the loop keeps few full-size arrays: the iterate, its gradient and the last
+step of each (never the extrapolated point), and the gap is assembled from per-sample
+reductions. Every setting lives in :class:`LassoOptions`, whose defaults are ours (base step
+1/L growing by 1.02, restarts, the certified stop along a λ path, at most 20 000 iterations);
+``LassoOptions.paper(op)`` is the reference solver: fixed step 0.025 (0.001 for
+:class:`~flipad_jax.Linear`, its tabular setting), no restart, the ``"reference"`` stop rule
+with tol 1e-5 (1e-4 for :class:`~flipad_jax.Linear`), 10000 iterations, and the reference's
 start δ₀ = z̄ (z₀ = 2z̄). Any field can still be overridden.
 """
 
@@ -384,13 +385,17 @@ def _certificates(delta, residual, grad, lam):
     return objective, gap, _per_sample_max(kkt_coord)
 
 
+def _lambda_max(op, r):
+    """``(B,)`` ‖Aᵀr‖∞, the λ above which δ = 0 is optimal."""
+    return _per_sample_max(jnp.abs(op.adjoint(r)))
+
+
 def _start(op, r, lam, delta0, step, continuation=None) -> _State:
     """The loop's state before its first iteration, from the start δ0 (internal layout)."""
     batch = r.shape[0]
     grad0 = op.adjoint(op.apply(delta0) - r)
-    # ‖Aᵀr‖∞ is the λ above which δ = 0 is optimal; the path starts at half of it.
-    lam0 = lam if continuation is None else \
-        jnp.maximum(lam, _per_sample_max(jnp.abs(op.adjoint(r))) / 2)
+    # the path starts at half of λ_max
+    lam0 = lam if continuation is None else jnp.maximum(lam, _lambda_max(op, r) / 2)
     return _State(delta=delta0, grad=grad0, delta_step=jnp.zeros_like(delta0),
                   grad_step=jnp.zeros_like(grad0),
                   beta=jnp.zeros((batch,), r.dtype), t=jnp.ones((batch,), r.dtype), lam=lam0,
@@ -427,7 +432,8 @@ def _iterate(op, r, lam, state: _State, step, tol, k_stop, *, restart, stop,
 
     if stop == "gap":
         rounding = jnp.finfo(dtype).eps * 0.5 * _per_sample_sum(jnp.square(r))
-        grad_scale = _per_sample_max(jnp.abs(op.adjoint(r)))
+        grad_scale = _lambda_max(op, r)
+        lam_rounding = jnp.finfo(dtype).eps * grad_scale  # a λ below it acts as 0
 
     def cond(s):
         return (s.k < k_stop) & jnp.any(s.active)
@@ -475,7 +481,7 @@ def _iterate(op, r, lam, state: _State, step, tol, k_stop, *, restart, stop,
             def gap_rule(_):
                 objective, gap, grad_inf = _objective_and_gap(delta, residual, grad, s.lam)
                 # At λ ≈ 0 the KKT residual is ‖∇f‖∞ to within λ, below rounding here.
-                negligible_lam = lam <= jnp.finfo(dtype).eps * grad_scale
+                negligible_lam = lam <= lam_rounding
                 done = (gap <= tol * objective + rounding) | \
                     (negligible_lam & (grad_inf <= tol * grad_scale))
                 next_stage = jnp.zeros_like(done)
@@ -501,7 +507,7 @@ def _iterate(op, r, lam, state: _State, step, tol, k_stop, *, restart, stop,
                 # below rounding level (the λ ≈ 0 test) the path jumps to λ itself: a
                 # geometric path would never reach λ = 0
                 shrunk = s.lam * continuation
-                shrunk = jnp.where(shrunk <= jnp.finfo(dtype).eps * grad_scale, lam,
+                shrunk = jnp.where(shrunk <= lam_rounding, lam,
                                    jnp.maximum(lam, shrunk))
                 stage_lam = jnp.where(next_stage, shrunk, s.lam)
                 t_next = jnp.where(next_stage, 1, t_next)  # a new problem: momentum restarts
