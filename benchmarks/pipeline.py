@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -174,6 +175,21 @@ def ours_batch(clock: Clock, det, net, refs, lasso):
             np.asarray(res.converged))
 
 
+class Layer(NamedTuple):
+    """The head's last layer in PyTorch: float32 weight, bias (or None), z̄ and geometry."""
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    zbar: torch.Tensor
+    geometry: dict
+
+
+def layer(head, device) -> Layer:
+    t = lambda a: torch.from_numpy(np.array(a, np.float32)).to(device)  # noqa: E731
+    op = head.op
+    return Layer(t(op.weight), None if head.bias is None else t(head.bias), t(head.zbar),
+                 dict(stride=tuple(op.stride), padding=tuple(op.padding)))
+
+
 class Reference:
     """The reference pipeline in PyTorch, with our detector's weights, statistics and τ."""
 
@@ -188,10 +204,7 @@ class Reference:
                              "the torch side covers heads whose activations are not pooled")
         self.device, self.max_iter = torch.device(device), max_iter
         t = lambda a: torch.from_numpy(np.array(a, np.float32)).to(self.device)  # noqa: E731
-        op = head.op
-        self.weight, self.zbar = t(op.weight), t(head.zbar)
-        self.bias = None if head.bias is None else t(head.bias)
-        self.geometry = dict(stride=tuple(op.stride), padding=tuple(op.padding))
+        self.weight, self.bias, self.zbar, self.geometry = layer(head, self.device)
         self.mean, self.std = t(state.standardizer.mean), t(state.standardizer.std)
         self.eps, self.tau = state.standardizer.eps, det.threshold(FNR)
         self.center = t(state.model.center)
@@ -242,8 +255,9 @@ def copy_lenet(variables, shape):
     return net.eval()
 
 
-def objective64(ref: Reference, o, z):
-    """½‖A z + b − o‖² + λ‖z − z̄‖₁ per sample, float64, PyTorch on the CPU."""
+def objective64(ref, o, z):
+    """½‖A z + b − o‖² + λ‖z − z̄‖₁ per sample, float64, PyTorch on the CPU (the layer's
+    weight, bias, geometry and z̄ read from ``ref``, a :class:`Reference` or a :class:`Layer`)."""
     w = ref.weight.cpu().double()
     forward, _ = layer_maps("conv_transpose2d", w, **ref.geometry)
     z = torch.from_numpy(np.asarray(z, np.float64))
@@ -255,6 +269,16 @@ def objective64(ref: Reference, o, z):
     return (0.5 * (res ** 2).sum(1) + LAM * l1).numpy()
 
 
+def work_folder(args) -> Path:
+    """The cache folder of these settings under ``args.work``, prepared (bundle and PNGs)."""
+    key = hashlib.sha256(json.dumps([hashlib.sha256(args.weights.read_bytes()).hexdigest(),
+                                     args.n_fit, args.n_val, args.n_images, args.epochs,
+                                     args.batch, args.zbar_samples]).encode()).hexdigest()[:12]
+    work = args.work / key
+    prepare(work, args.weights, args.n_fit, args.n_val, args.n_images // 2, args.zbar_samples)
+    return work
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 def run(args) -> dict:
@@ -263,11 +287,7 @@ def run(args) -> dict:
     from flipad_jax.lasso import LassoOptions
     from flipad_jax.networks import build_network
 
-    key = hashlib.sha256(json.dumps([hashlib.sha256(args.weights.read_bytes()).hexdigest(),
-                                     args.n_fit, args.n_val, args.n_images, args.epochs,
-                                     args.batch, args.zbar_samples]).encode()).hexdigest()[:12]
-    work = args.work / key
-    prepare(work, args.weights, args.n_fit, args.n_val, args.n_images // 2, args.zbar_samples)
+    work = work_folder(args)
     head = Head.load(work / "bundle")
     start = time.perf_counter()
     det = fitted_detector(work, head, args.n_fit, args.epochs, args.batch,
@@ -336,8 +356,10 @@ def run(args) -> dict:
     }
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options that pick the work folder and the reference (shared with
+    ``pipeline_oracle.py``)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--n-images", type=int, default=32, help="timed test PNGs, half G's, half real")
     p.add_argument("--batch", type=int, default=16, help="images per solve, both pipelines")
     p.add_argument("--device", default="cpu", help="torch device of the reference (cpu, cuda)")
@@ -350,22 +372,35 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=10, help="detector: DeepSAD epochs")
     p.add_argument("--zbar-samples", type=int, default=2000, help="latents for the head's z̄")
     p.add_argument("--ref-max-iter", type=int, default=10000, help="reference FISTA cap")
+    return p
+
+
+def main(argv=None):
+    p = parser(__doc__.split("\n")[0])
     p.add_argument("--stop", choices=("gap", "change"), default="gap",
                    help="our stop rule, per sample: certified duality gap (the default of "
                         "flipad fit/score) or the change of z")
     p.add_argument("--tol", type=float, default=None,
                    help="its tolerance (default: LassoOptions' — gap 1e-3 relative, change 1e-5)")
     args = p.parse_args(argv)
+    check_sizes(args)
+    return write_record(run(args), args.out)
+
+
+def check_sizes(args) -> None:
     if args.n_images < 2 or args.n_images % 2:
         raise SystemExit(f"--n-images {args.n_images}: expected an even number >= 2")
     if args.n_val < 20:
         raise SystemExit(f"--n-val {args.n_val}: expected >= 20 for the threshold at fnr {FNR}")
-    record = run(args)
+
+
+def write_record(record: dict, out: Optional[Path]) -> dict:
+    """Print the JSON record and write it atomically to ``out`` (if given)."""
     text = json.dumps(record, indent=2) + "\n"
-    if args.out:
+    if out:
         from flipad_jax._files import atomic_file
 
-        with atomic_file(args.out) as tmp:
+        with atomic_file(out) as tmp:
             tmp.write_text(text)
     print(text)
     return record
