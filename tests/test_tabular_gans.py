@@ -152,3 +152,50 @@ def test_sdv_training_samples_finite_float32_rows():
         "train": ((30, 11), np.float32), "test": ((20, 11), np.float32)}
     assert all(np.isfinite(v).all() for v in samples.values())
     assert record["epochs"] == 1 and record["samples"] == {"train": 30, "test": 20}
+
+
+@pytest.mark.slow
+def test_copulagan_fits_truncated_gaussian_marginals_as_the_authors_sdv():
+    # The authors pin sdv 0.18.0, whose CopulaGAN default was truncated Gaussian marginals
+    # (sdv >= 1: beta). A truncated Gaussian fitted to a column must cover the column's range.
+    pytest.importorskip("sdv")
+    import pandas as pd
+
+    from converters.tabular_gans import TABLE, _sdv_synthesizer
+
+    rows = wine_splits("redwine").train[:200].astype(np.float64)
+    columns = [f"x{j}" for j in range(rows.shape[1])]
+    synthesizer = _sdv_synthesizer("copulagan", columns, epochs=1)
+    synthesizer.fit({TABLE: pd.DataFrame(rows, columns=columns)})
+    learned = synthesizer.get_learned_distributions()
+    assert {d["distribution"] for d in learned.values()} == {"truncnorm"}
+    for j, c in enumerate(columns):
+        p = learned[c]["learned_parameters"]
+        low, high = p["loc"] + p["a"] * p["scale"], p["loc"] + p["b"] * p["scale"]
+        assert low <= rows[:, j].min() + 1e-6 and high >= rows[:, j].max() - 1e-6
+
+
+def test_refitting_some_sdv_models_keeps_the_others(tmp_path, monkeypatch):
+    pytest.importorskip("sdv")
+    import converters.tabular_gans as tg
+
+    def fake_fit(value):
+        def train_sdv(train, model, *, seed, epochs):
+            rows = {s: np.full((n, train.shape[1]), value, np.float32)
+                    for s, n in SDV_SAMPLES[model].items()}
+            return rows, {"seed": seed, "epochs": epochs, "fit": value, "fit_seconds": 0.0}
+        return train_sdv
+
+    monkeypatch.setattr(tg, "mmd", lambda x, y: 0.0)
+    monkeypatch.setattr(tg, "train_sdv", fake_fit(1.0))
+    tg.train_sdv_models(tmp_path, datasets=("redwine",), command="all")
+    monkeypatch.setattr(tg, "train_sdv", fake_fit(2.0))
+    tg.train_sdv_models(tmp_path, datasets=("redwine",), models=("copulagan",), command="one")
+    samples = read_sdv_samples(sdv_samples_file(tmp_path, "redwine"))
+    assert {k: float(v[0, 0]) for k, v in samples.items()} == {
+        "tvae_train": 1.0, "tvae_test": 1.0, "ctgan_test": 1.0, "copulagan_test": 2.0}
+    record = json.loads((tmp_path / SDV_RECORD).read_text())["models"]["redwine"]
+    assert {m: (record[m]["fit"], record[m]["command"]) for m in SDV_SAMPLES} == {
+        "tvae": (1.0, "all"), "ctgan": (1.0, "all"), "copulagan": (2.0, "one")}
+    with pytest.raises(ValueError, match=r"models \['gan'\]"):
+        tg.train_sdv_models(tmp_path, models=("gan",))
