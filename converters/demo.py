@@ -522,7 +522,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tabular", action="store_true",
                    help="the tabular experiment instead (paper Tables 5 and 15): KL-WGAN on the "
                         "wine data against TVAE, CTGAN and CopulaGAN (takes --quick, --out, "
-                        "--overwrite and --quiet)")
+                        "--weights, --overwrite and --quiet)")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_true", help="smaller sets and shorter training "
                        f"({QUICK.n_train} / {QUICK.n_val} / {QUICK.n_test}, {QUICK.epochs} "
@@ -556,7 +556,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                    "the shipped weights")
     p.add_argument("--data", help="Fashion-MNIST IDX folder (default: $FLIPAD_FASHION_MNIST or "
                    "Debian's /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--weights", help="folder of demo generator weights (default: shipped)")
+    p.add_argument("--weights", help="folder of demo generator weights (default: shipped); with "
+                   "--tabular, a folder of KL-WGAN weights and SDV samples laid out as "
+                   "converters/demo_weights/tabular")
     add_output_flags(p, "discard an earlier run in --out")
     p.set_defaults(func=_run_demo)
     return p
@@ -604,16 +606,15 @@ def _run_tabular(args, start: float) -> int:
         ("--n-val", args.n_val), ("--n-test", args.n_test), ("--real-train", args.real_train),
         ("--converged", args.converged), ("--retrain", args.retrain), ("--data", args.data),
         ("--seed", args.seed is not None),
-        ("--weights", args.weights),
         *((f"--{f.replace('_', '-')}", getattr(args, f) is not None) for f in SMINV_FLAGS))
         if value]
     if image_only:
         raise ValueError(f"--tabular with {', '.join(image_only)}: expected none of the image "
-                         "demo's options (the tabular demo takes --quick, --out, --overwrite, "
-                         "--quiet)")
+                         "demo's options (the tabular demo takes --quick, --out, --weights, "
+                         "--overwrite, --quiet)")
     out = "flipad-tabular" if args.out == "flipad-demo" else args.out
     results = run_tabular_demo(out, quick=args.quick, overwrite=args.overwrite,
-                               progress=args.progress)
+                               progress=args.progress, generators=args.weights)
     print_summary(results)
     print(f"report in {out}/ ({time.perf_counter() - start:.0f} s)")
     return 0

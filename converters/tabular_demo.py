@@ -245,7 +245,7 @@ def load_detector(work: Path, method: str, dataset: str, head, progress: bool):
 
 
 def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progress: bool = True,
-                     settings: Optional[TabularSettings] = None) -> dict:
+                     settings: Optional[TabularSettings] = None, generators=None) -> dict:
     """Run the tabular demo into the folder ``out``; returns the content of ``results.json``.
 
     Args:
@@ -254,6 +254,9 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
       overwrite: discard an earlier run in ``out``.
       progress: show progress bars.
       settings: explicit sizes (:class:`TabularSettings`).
+      generators: a folder laid out as the shipped ``converters/demo_weights/tabular`` (KL-WGAN
+        weights and SDV samples per data set, as :mod:`converters.tabular_gans` writes them),
+        e.g. another training run's; default the shipped one.
 
     Returns:
       ``{"methods": {method: {"accuracy", "auc", "pairs"}}, "pairs": [records of
@@ -261,7 +264,7 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
       "dataset"], "datasets", "paper", "settings", "timings_s", "weights", "data"}``.
     """
     from converters._workdir import prepare_work
-    from converters.tabular_gans import OUT_DIR, klwgan_weights
+    from converters.tabular_gans import OUT_DIR, klwgan_weights, sdv_samples_file
     from flipad_jax import metrics, report
     from flipad_jax.detector import DEFAULT_FNRS
 
@@ -275,12 +278,23 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
                          f"min(n_train, n_test) = {min(settings.n_train, settings.n_test)}")
     # JSON's lists for tuples, as settings.json reads back
     wanted = json.loads(json.dumps({"settings": settings._asdict()}))
+    if generators is None:
+        generators = OUT_DIR
+    else:  # part of what the work folder holds (the default is left out, as before)
+        generators = Path(generators).resolve()
+        wanted["generators"] = str(generators)
+    missing = [str(f) for d in settings.datasets
+               for f in (klwgan_weights(generators, d), sdv_samples_file(generators, d))
+               if not f.is_file()]
+    if missing:
+        raise ValueError(f"generators={str(generators)!r}: missing {missing}; expected a folder "
+                         f"laid out as {OUT_DIR}")
     work = prepare_work(out, wanted, what="tabular demo", overwrite=overwrite)
     out = Path(out)
     timings: dict = {}
     pairs = []
     for dataset in settings.datasets:
-        weights = klwgan_weights(OUT_DIR, dataset)
+        weights = klwgan_weights(generators, dataset)
         t = time.perf_counter()
         head = _head(weights, work, dataset, settings)
         _stage(timings, "convert", t)
@@ -288,7 +302,7 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
         t = time.perf_counter()
         sizes = {"train": settings.n_train, "val": settings.n_val, "test": settings.n_test}
         g = {s: _g_rows(weights, work, dataset, s, n) for s, n in sizes.items()}
-        sdv = _sdv_rows(OUT_DIR, dataset, settings)
+        sdv = _sdv_rows(generators, dataset, settings)
         _stage(timings, "sample", t)
 
         for method in tqdm(METHODS, desc=dataset, disable=not progress):
@@ -329,7 +343,7 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
                "datasets": list(settings.datasets),
                "paper": {d: {m: dict(zip(OTHERS, v)) for m, v in p.items()}
                          for d, p in PAPER.items()},
-               "settings": settings._asdict(), "timings_s": timings, "weights": str(OUT_DIR),
+               "settings": settings._asdict(), "timings_s": timings, "weights": str(generators),
                "data": "UCI Wine Quality (whitened, as the generators' training data)"}
     report.write_text(out / "tables.md", _report(results))
     report.write_json(out / "results.json", results)

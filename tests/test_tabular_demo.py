@@ -113,3 +113,33 @@ def test_cli_tabular_refuses_the_image_demo_s_options(capsys):
     assert main(["demo", "--tabular", "--paper-scale", "--n-train", "5"]) == 1
     err = capsys.readouterr().err
     assert "--tabular with --paper-scale, --n-train: expected none of the image demo" in err
+
+
+@pytest.mark.slow
+def test_reads_the_generators_folder_it_is_given(tmp_path):
+    # Another run's generators: here the shipped ones with CopulaGAN's test rows replaced by
+    # TVAE's, so every detector must score the two alike; the folder is part of the run's key.
+    import shutil
+
+    from converters.tabular_gans import (OUT_DIR, klwgan_weights, read_sdv_samples,
+                                         sdv_samples_file)
+
+    gens = tmp_path / "generators"
+    gens.mkdir()
+    shutil.copy(klwgan_weights(OUT_DIR, "redwine"), klwgan_weights(gens, "redwine"))
+    sets = read_sdv_samples(sdv_samples_file(OUT_DIR, "redwine"))
+    np.savez(sdv_samples_file(gens, "redwine"), **{**sets, "copulagan_test": sets["tvae_test"]})
+    settings = TINY._replace(datasets=("redwine",), sminv_rows=0)
+    results = run_tabular_demo(tmp_path / "demo", settings=settings, generators=gens,
+                               progress=False)
+    by = {(r["method"], r["other"]): r for r in results["pairs"]}
+    for method in ("flipad", "rawpad"):
+        assert by[(method, "copulagan")]["auc"] == by[(method, "tvae")]["auc"]
+        assert by[(method, "copulagan")]["acc@fnr=0.005"] == by[(method, "tvae")]["acc@fnr=0.005"]
+    assert results["weights"] == str(gens.resolve())
+    with pytest.raises(ValueError, match="other settings"):
+        run_tabular_demo(tmp_path / "demo", settings=settings, progress=False)
+    with pytest.raises(ValueError, match=r"missing \[.*klwgan_redwine.safetensors"):
+        run_tabular_demo(tmp_path / "other", settings=settings, generators=tmp_path / "none",
+                         progress=False)
+    assert not (tmp_path / "other").exists()
