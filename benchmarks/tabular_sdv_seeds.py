@@ -27,8 +27,8 @@ import torch
 
 from converters.tabular_demo import (FULL, G, TRAIN_OTHER, _g_rows, _head, _one_torch_thread,
                                      load_detector, run_tabular_demo, takes_rows)
-from converters.tabular_gans import (OUT_DIR, SDV_MODELS, klwgan_weights, read_sdv_samples,
-                                     sdv_samples_file, train_sdv)
+from converters.tabular_gans import (OUT_DIR, SDV_MODELS, SDV_SETTINGS, klwgan_weights,
+                                     read_sdv_samples, sdv_samples_file, train_sdv)
 from flipad_jax import metrics, report
 from flipad_jax._files import atomic_file
 from flipad_jax.tabular import wine_splits
@@ -38,7 +38,9 @@ FNR = 0.005
 
 def refit_rows(work: Path, dataset: str, model: str, seed: int, n: int) -> tuple[np.ndarray, dict]:
     """``n`` test rows of ``model`` fitted with ``seed`` (cached in ``work/sdv``), its record."""
-    path = work / "sdv" / f"{dataset}_{model}_seed{seed}.npy"
+    # named by the model's SDV settings too, so fits under other settings are not reused
+    settings = "".join(f"_{k}-{v}" for k, v in sorted(SDV_SETTINGS.get(model, {}).items()))
+    path = work / "sdv" / f"{dataset}_{model}{settings}_seed{seed}.npy"
     record_path = path.with_suffix(".json")
     if not path.exists():
         with _one_torch_thread():

@@ -39,6 +39,7 @@ validation and test rows per source (the paper's), DeepSAD 10 / 100 epochs, SM-I
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -278,17 +279,15 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
                          f"min(n_train, n_test) = {min(settings.n_train, settings.n_test)}")
     # JSON's lists for tuples, as settings.json reads back
     wanted = json.loads(json.dumps({"settings": settings._asdict()}))
-    if generators is None:
-        generators = OUT_DIR
-    else:  # part of what the work folder holds (the default is left out, as before)
-        generators = Path(generators).resolve()
-        wanted["generators"] = str(generators)
-    missing = [str(f) for d in settings.datasets
-               for f in (klwgan_weights(generators, d), sdv_samples_file(generators, d))
-               if not f.is_file()]
+    generators = OUT_DIR if generators is None else Path(generators).resolve()
+    files = [f for d in settings.datasets
+             for f in (klwgan_weights(generators, d), sdv_samples_file(generators, d))]
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise ValueError(f"generators={str(generators)!r}: missing {missing}; expected a folder "
                          f"laid out as {OUT_DIR}")
+    # the work folder's stages hold what these files gave: keyed by their content, not path
+    wanted["generators"] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
     work = prepare_work(out, wanted, what="tabular demo", overwrite=overwrite)
     out = Path(out)
     timings: dict = {}

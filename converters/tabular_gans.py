@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from converters.generators import build_generator
 from flipad_jax._files import atomic_file
+from flipad_jax.report import write_json
 from flipad_jax.tabular import WINE_COLORS, WINE_SHA256, wine_splits
 
 DATASETS = tuple(WINE_COLORS)  # ("redwine", "whitewine")
@@ -151,18 +152,15 @@ def _versions() -> dict:
             "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
-def _write_json(path: Path, record: dict) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-
-
 def train_klwgans(out=OUT_DIR, *, datasets=DATASETS, epochs: int = EPOCHS, seed: int = SEED,
                   progress: bool = True, command: str = "train_klwgans()") -> Path:
     """Train KL-WGAN on each data set; write ``klwgan_<data>.safetensors`` and the record."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    records = {}
+    # another data set's record in the same folder is kept with its weights
+    record_path = out / KLWGAN_RECORD
+    records = json.loads(record_path.read_text())["models"] if record_path.exists() else {}
     for dataset in datasets:
         splits = wine_splits(dataset)
         gen, record = train_klwgan(splits.train, seed=seed, epochs=epochs, progress=progress)
@@ -176,8 +174,8 @@ def train_klwgans(out=OUT_DIR, *, datasets=DATASETS, epochs: int = EPOCHS, seed:
         records[dataset] = {**record, "data": _data_record(dataset, splits)}
         with atomic_file(klwgan_weights(out, dataset), suffix=".safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in gen.state_dict().items()}, str(tmp))
-    _write_json(out / KLWGAN_RECORD, {"command": command, "models": records,
-                                      "versions": _versions()})
+        records[dataset].update(command=command, versions=_versions())
+        write_json(record_path, {"models": records})
     return out
 
 
@@ -239,14 +237,14 @@ def train_sdv_models(out=OUT_DIR, *, datasets=DATASETS, models=SDV_MODELS, epoch
     Refitting a subset of the models replaces their samples and records in ``out`` and keeps the
     other models' (each model's record carries the command and versions that produced it).
     """
+    unknown = sorted(set(models) - set(SDV_MODELS))
+    if unknown:
+        raise ValueError(f"models {unknown}: expected a subset of {SDV_MODELS}")
     import ctgan
     import copulas
     import rdt
     import sdv
 
-    unknown = sorted(set(models) - set(SDV_MODELS))
-    if unknown:
-        raise ValueError(f"models {unknown}: expected a subset of {SDV_MODELS}")
     out = Path(out)
     versions = {**_versions(), "sdv": sdv.__version__, "ctgan": ctgan.__version__,
                 "copulas": copulas.__version__, "rdt": rdt.__version__}
@@ -256,10 +254,15 @@ def train_sdv_models(out=OUT_DIR, *, datasets=DATASETS, models=SDV_MODELS, epoch
         splits = wine_splits(dataset)
         path = sdv_samples_file(out, dataset)
         kept = set(SDV_MODELS) - set(models)
+        data = _data_record(dataset, splits)
+        if kept and not (path.is_file() and records.get(dataset, {}).get("data") == data):
+            raise ValueError(f"models={list(models)} for {dataset}: the other models' samples "
+                             f"and their record on the same data are needed in {out} (refit "
+                             "all models there instead)")
         arrays = ({k: v for k, v in read_sdv_samples(path).items() if k.split("_")[0] in kept}
                   if kept else {})
         records[dataset] = {**{m: r for m, r in records.get(dataset, {}).items() if m in kept},
-                            "data": _data_record(dataset, splits)}
+                            "data": data}
         for model in models:
             rows, record = train_sdv(splits.train, model, seed=seed, epochs=epochs)
             record["mmd_to_test"] = {"samples": mmd(rows["test"][:5000], splits.test),
@@ -271,7 +274,7 @@ def train_sdv_models(out=OUT_DIR, *, datasets=DATASETS, models=SDV_MODELS, epoch
         with atomic_file(path, suffix=".npz") as tmp:
             np.savez_compressed(tmp, **arrays)
         # after each data set, so an interrupted run keeps what it finished
-        _write_json(record_path, {"models": records})
+        write_json(record_path, {"models": records})
     return out
 
 
