@@ -183,9 +183,12 @@ class Layer(NamedTuple):
     geometry: dict
 
 
+def _tensor(a, device) -> torch.Tensor:
+    return torch.from_numpy(np.array(a, np.float32)).to(device)
+
+
 def layer(head, device) -> Layer:
-    t = lambda a: torch.from_numpy(np.array(a, np.float32)).to(device)  # noqa: E731
-    op = head.op
+    op, t = head.op, lambda a: _tensor(a, device)  # noqa: E731
     return Layer(t(op.weight), None if head.bias is None else t(head.bias), t(head.zbar),
                  dict(stride=tuple(op.stride), padding=tuple(op.padding)))
 
@@ -203,7 +206,7 @@ class Reference:
             raise SystemExit(f"features {det.feature_shape_} from activations {head.in_shape}: "
                              "the torch side covers heads whose activations are not pooled")
         self.device, self.max_iter = torch.device(device), max_iter
-        t = lambda a: torch.from_numpy(np.array(a, np.float32)).to(self.device)  # noqa: E731
+        t = lambda a: _tensor(a, self.device)  # noqa: E731
         self.weight, self.bias, self.zbar, self.geometry = layer(head, self.device)
         self.mean, self.std = t(state.standardizer.mean), t(state.standardizer.std)
         self.eps, self.tau = state.standardizer.eps, det.threshold(FNR)
@@ -271,7 +274,9 @@ def objective64(ref, o, z):
 
 def work_folder(args) -> Path:
     """The cache folder of these settings under ``args.work``, prepared (bundle and PNGs)."""
-    key = hashlib.sha256(json.dumps([hashlib.sha256(args.weights.read_bytes()).hexdigest(),
+    from flipad_jax._files import sha256_file
+
+    key = hashlib.sha256(json.dumps([sha256_file(args.weights),
                                      args.n_fit, args.n_val, args.n_images, args.epochs,
                                      args.batch, args.zbar_samples]).encode()).hexdigest()[:12]
     work = args.work / key
@@ -396,12 +401,11 @@ def check_sizes(args) -> None:
 
 def write_record(record: dict, out: Optional[Path]) -> dict:
     """Print the JSON record and write it atomically to ``out`` (if given)."""
+    from flipad_jax.report import write_text
+
     text = json.dumps(record, indent=2) + "\n"
     if out:
-        from flipad_jax._files import atomic_file
-
-        with atomic_file(out) as tmp:
-            tmp.write_text(text)
+        write_text(out, text)
     print(text)
     return record
 

@@ -31,7 +31,7 @@ import torch
 from converters.tabular_demo import FULL, run_tabular_demo
 from converters.tabular_gans import (DATASETS, OUT_DIR, klwgan_weights, sdv_samples_file,
                                      train_klwgans, train_sdv_models)
-from flipad_jax._files import atomic_file
+from flipad_jax import report
 
 
 def generators(work: Path, run: int, dataset: str, command: str) -> Path:
@@ -97,8 +97,7 @@ def main(argv=None):
               "seconds_this_call": seconds}  # a cached run costs its scoring only
     text = json.dumps(record, indent=2) + "\n"
     if args.out:
-        with atomic_file(args.out) as tmp:
-            tmp.write_text(text)
+        report.write_text(args.out, text)
     print(text)
     return record
 

@@ -39,7 +39,6 @@ validation and test rows per source (the paper's), DeepSAD 10 / 100 epochs, SM-I
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -267,6 +266,7 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
     from converters._workdir import prepare_work
     from converters.tabular_gans import OUT_DIR, klwgan_weights, sdv_samples_file
     from flipad_jax import metrics, report
+    from flipad_jax._files import sha256_file
     from flipad_jax.detector import DEFAULT_FNRS
 
     settings = settings or (QUICK if quick else FULL)
@@ -287,7 +287,7 @@ def run_tabular_demo(out, *, quick: bool = False, overwrite: bool = False, progr
         raise ValueError(f"generators={str(generators)!r}: missing {missing}; expected a folder "
                          f"laid out as {OUT_DIR}")
     # the work folder's stages hold what these files gave: keyed by their content, not path
-    wanted["generators"] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    wanted["generators"] = {f.name: sha256_file(f) for f in files}
     work = prepare_work(out, wanted, what="tabular demo", overwrite=overwrite)
     out = Path(out)
     timings: dict = {}
